@@ -1,0 +1,1 @@
+"""The ``erasekit`` command line. All argument parsing lives in this package."""

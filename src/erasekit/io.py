@@ -1,0 +1,78 @@
+"""Safe file output: atomic writes and directories that never clobber what the user already has."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from erasekit.errors import ErasekitError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def dumps_json(obj: Any) -> str:
+    """The project's JSON style for artifacts: indent 2, sorted keys, trailing newline."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, dumps_json(obj))
+
+
+def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an existing, non-empty output directory unless ``overwrite`` is set."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ErasekitError(f"output {path} exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise ErasekitError(f"output {path} already exists; pass --overwrite to replace it")
+    return path
+
+
+@contextlib.contextmanager
+def output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh staging directory; on success it replaces ``path`` in one rename.
+
+    Nothing is written at ``path`` if the body raises, and an existing ``path`` is refused unless
+    ``overwrite`` is set (then it is replaced only after the new content is complete).
+    """
+    path = check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+    os.replace(staging, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

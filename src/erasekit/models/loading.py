@@ -1,0 +1,195 @@
+"""``erasekit.load``: a local diffusers folder, a Hub id, or the embedded ``minicanvas`` model.
+
+A folder holding only ``text_encoder/`` and ``tokenizer/`` (plus ``_2`` variants) is a valid model for methods
+that edit only the text encoder. Checkpoints are read as safetensors; pickled weights are refused unless the
+caller passes ``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from erasekit.errors import ErasekitError
+from erasekit.models.families import Family, detect_family
+
+MINICANVAS = "minicanvas"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model", "*.tiktoken"]
+_DEFAULT_CLASSES = {
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+    "tokenizer": ("transformers", "CLIPTokenizer"),
+    "tokenizer_2": ("transformers", "CLIPTokenizer"),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model: its components, family and where it came from.
+
+    Attributes:
+        source: what the user named (path, Hub id or ``minicanvas``); recorded as a patch's ``base_model``.
+        path: the local folder it was read from.
+        family: the family table entry.
+        components: ``{name: module | tokenizer | scheduler}``; a pipeline's ``components`` when complete.
+        pipeline: the diffusers pipeline, or ``None`` for a text-encoder-only folder.
+    """
+
+    source: str
+    path: Path
+    family: Family
+    components: dict[str, Any]
+    pipeline: Any | None = None
+    pipeline_class: str | None = field(default=None)
+
+    def clip_encoders(self) -> list[tuple[str, Any, Any]]:
+        """``[(component, encoder, tokenizer)]`` for every CLIP text encoder present."""
+        out = []
+        for enc, tok in zip(self.family.clip_encoders, self.family.tokenizers):
+            if self.components.get(enc) is not None:
+                out.append((enc, self.components[enc], self.components.get(tok)))
+        if not out:
+            raise ErasekitError(f"{self.source} has no CLIP text encoder")
+        return out
+
+    def require(self, *names: str) -> None:
+        missing = [n for n in names if self.components.get(n) is None]
+        if missing:
+            raise ErasekitError(f"{self.source} lacks component(s) {', '.join(missing)} needed here")
+
+    def require_pipeline(self) -> Any:
+        if self.pipeline is None:
+            raise ErasekitError(f"{self.source} is not a full pipeline (it has {', '.join(self.components)})")
+        return self.pipeline
+
+
+def load(
+    model: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    components: tuple[str, ...] | None = None,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load a model by local folder, Hub id, or ``"minicanvas"``.
+
+    Args:
+        model: the folder, Hub id (``org/name``) or ``minicanvas``.
+        device: where modules are placed.
+        dtype: floating dtype of the modules.
+        components: load only these components (e.g. ``("text_encoder", "tokenizer")``); all when ``None``.
+        allow_pickle: also read ``.bin``/``.ckpt`` pickles (unsafe: they can run code).
+    """
+    source = str(model)
+    path = resolve_path(source, allow_pickle)
+    index = _read_index(path)
+    present = _present_components(path, index)
+    wanted = [c for c in present if components is None or c in components]
+    if components is not None and (missing := sorted(set(components) - set(present))):
+        raise ErasekitError(f"{source} has no component(s) {', '.join(missing)}")
+    te_config = _read_json(path / "text_encoder" / "config.json") if "text_encoder" in present else None
+    family = detect_family(index.get("_class_name") if index else None, te_config)
+    listed = [k for k, v in (index or {}).items() if not k.startswith("_") and isinstance(v, list) and v[0]]
+    complete = bool(index) and components is None and set(listed) <= set(present)
+    if complete:
+        pipe = _load_pipeline(path, index["_class_name"], dtype, allow_pickle).to(device)
+        comps = {k: v for k, v in pipe.components.items() if v is not None}
+        return LoadedModel(source, path, family, comps, pipe, index["_class_name"])
+    comps = {name: _load_component(path, name, index, dtype, allow_pickle) for name in wanted}
+    for mod in comps.values():
+        if isinstance(mod, torch.nn.Module):
+            mod.to(device)
+    return LoadedModel(source, path, family, comps, None, index.get("_class_name") if index else None)
+
+
+def resolve_path(source: str, allow_pickle: bool = False) -> Path:
+    """The local folder for ``source``, downloading a Hub id to the cache if online."""
+    if source == MINICANVAS:
+        from erasekit.minicanvas import weights_dir
+
+        return weights_dir()
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ErasekitError(f"model {source} is a file; erasekit loads diffusers-format folders")
+        return path
+    if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
+        raise ErasekitError(f"no model at {source}: not a local folder, and not a Hub id (org/name)")
+    return _download(source, allow_pickle)
+
+
+def _download(repo_id: str, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = _HUB_PATTERNS + (["*.bin", "*.ckpt"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # the hub raises many types: offline, not cached, not found, network
+        kind = type(e).__name__
+        raise ErasekitError(
+            f"cannot get {repo_id} from the Hugging Face Hub: offline or unreachable, and not in the local "
+            f"cache ({kind}); pass a local diffusers folder instead"
+        ) from None
+
+
+def _read_json(file: Path) -> dict[str, Any] | None:
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text("utf-8"))
+    except json.JSONDecodeError as e:
+        raise ErasekitError(f"{file} is not valid JSON ({e.msg})") from None
+
+
+def _read_index(path: Path) -> dict[str, Any] | None:
+    return _read_json(path / "model_index.json")
+
+
+def _present_components(path: Path, index: dict[str, Any] | None) -> list[str]:
+    if index:
+        names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]
+        present = [n for n in names if (path / n).is_dir()]
+    else:
+        present = [n for n in _DEFAULT_CLASSES if (path / n).is_dir()]
+    if not present:
+        raise ErasekitError(f"{path} is not a diffusers model folder (no model_index.json or text_encoder/)")
+    return present
+
+
+def _load_pipeline(path: Path, class_name: str, dtype: torch.dtype, allow_pickle: bool) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise ErasekitError(f"{path}: diffusers has no pipeline class {class_name}")
+    try:
+        return cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=None if allow_pickle else True)
+    except (OSError, ValueError) as e:
+        raise ErasekitError(f"cannot load {path}: {_first_line(e)}") from None
+
+
+def _load_component(
+    path: Path, name: str, index: dict[str, Any] | None, dtype: torch.dtype, allow_pickle: bool
+) -> Any:
+    library, class_name = (index or {}).get(name) or _DEFAULT_CLASSES[name]
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if cls is None:
+        raise ErasekitError(f"{path}: {library} has no class {class_name} for {name}")
+    kwargs: dict[str, Any] = {}
+    if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+        kwargs = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True}
+    try:
+        return cls.from_pretrained(str(path / name), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ErasekitError(f"cannot load {path / name}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
