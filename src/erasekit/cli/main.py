@@ -23,6 +23,8 @@ COMMAND_MODULES = (
     "erasekit.cli.erase",
     "erasekit.cli.patching",
     "erasekit.cli.generate",
+    "erasekit.cli.minicanvas",
+    "erasekit.cli.evaluate",
 )
 
 

@@ -104,7 +104,9 @@ def _read_csv(path: Path, cols: _Columns) -> Iterator[PromptRecord]:
     header = [h.strip() for h in next(reader, [])]
     prompt_col = next((c for c in cols.prompt if c in header), None)
     if prompt_col is None:
-        raise ErasekitError(f"{path}:1: no {' or '.join(repr(c) for c in cols.prompt)} column (header: {header})")
+        raise ErasekitError(
+            f"{path}:1: no {' or '.join(repr(c) for c in cols.prompt)} column (header: {header})"
+        )
     for name, required in ((cols.seed, cols.seed_required), (cols.guidance, cols.guidance_required)):
         if required and name not in header:
             raise ErasekitError(f"{path}:1: no {name!r} column (header: {header})")
@@ -123,7 +125,9 @@ def _read_csv(path: Path, cols: _Columns) -> Iterator[PromptRecord]:
         yield PromptRecord(prompt, seed, guidance, values)
 
 
-def _number(values: dict[str, str], column: str | None, kind: Callable[[str], Any], where: str, required: bool) -> Any:
+def _number(
+    values: dict[str, str], column: str | None, kind: Callable[[str], Any], where: str, required: bool
+) -> Any:
     if column is None or not values.get(column, "").strip():
         if required:
             raise ErasekitError(f"{where}: {column} is empty")

@@ -169,6 +169,9 @@ def _load_pipeline(path: Path, class_name: str, dtype: torch.dtype, allow_pickle
     cls = getattr(diffusers, class_name, None)
     if cls is None:
         raise ErasekitError(f"{path}: diffusers has no pipeline class {class_name}")
+    if not allow_pickle:
+        for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+            _refuse_pickle_only(folder)
     try:
         return cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError) as e:
@@ -185,10 +188,22 @@ def _load_component(
     kwargs: dict[str, Any] = {}
     if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
         kwargs = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True}
+        if not allow_pickle:
+            _refuse_pickle_only(path / name)
     try:
         return cls.from_pretrained(str(path / name), **kwargs)
     except (OSError, ValueError) as e:
         raise ErasekitError(f"cannot load {path / name}: {_first_line(e)}") from None
+
+
+def _refuse_pickle_only(folder: Path) -> None:
+    """A clear error for a component whose weights exist only as pickles (which can run code when read)."""
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+    if pickles and not any(folder.glob("*.safetensors")):
+        raise ErasekitError(
+            f"{folder} holds only pickled weights ({pickles[0]}), which can run code when loaded; "
+            f"convert them to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust the source"
+        )
 
 
 def _first_line(e: BaseException) -> str:

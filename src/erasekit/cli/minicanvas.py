@@ -1,0 +1,64 @@
+"""``erasekit minicanvas``: list the MiniCanvas concepts, or retrain the whole model from scratch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("minicanvas", help="the built-in MiniCanvas world: list concepts, retrain")
+    mc = p.add_subparsers(dest="minicanvas_command", metavar="SUBCOMMAND")
+    concepts = mc.add_parser("concepts", help="list objects and styles with synonyms and super-categories")
+    concepts.add_argument("--json", action="store_true", help="machine-readable output")
+    concepts.set_defaults(func=run_concepts)
+    train = mc.add_parser("train", help="rebuild data, CLIP, VAE, UNet and classifier from scratch")
+    train.add_argument("--out", required=True, help="output folder (pipeline/, classifier, training.json)")
+    train.add_argument("--seed", type=int, default=0, help="seeds every random number generator")
+    train.add_argument("--quick", action="store_true", help="tiny networks and steps: seconds, for tests")
+    train.add_argument("--eval-seeds", type=int, default=2, help="seeds per cell for the final check (0: skip)")
+    train.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    train.set_defaults(func=run_train)
+    p.set_defaults(func=lambda _: p.print_help() or 2)
+
+
+def run_concepts(args: argparse.Namespace) -> int:
+    from erasekit.minicanvas import concept_table
+
+    table = concept_table()
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    print(f"template: {table['template']}")
+    for kind in ("objects", "styles"):
+        print(f"\n{kind}:")
+        for row in table[kind]:
+            print(f"  {row['name']:<11} {row['category']:<16} synonyms: {', '.join(row['synonyms'])}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from erasekit.errors import ErasekitError
+    from erasekit.io import output_dir
+    from erasekit.minicanvas.build import train_minicanvas
+    from erasekit.minicanvas.train import TrainConfig
+
+    if args.eval_seeds < 0 or args.threads < 1:
+        raise ErasekitError("--eval-seeds must be >= 0 and --threads >= 1")
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cfg = TrainConfig.quick(args.seed) if args.quick else TrainConfig(seed=args.seed)
+    start = time.perf_counter()
+
+    def log(line: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f}s] {line}", file=sys.stderr, flush=True)
+
+    with output_dir(args.out, overwrite=args.overwrite) as staging:
+        record = train_minicanvas(staging, cfg, log=log, eval_seeds=args.eval_seeds)
+    print(json.dumps({"out": args.out, "seconds": record["seconds"], "quality": record["quality"]}, indent=2))
+    return 0

@@ -1,0 +1,131 @@
+"""One evaluation run, whatever the protocol: prepare RUN/, apply patches, generate, score, record.
+
+Protocols (:mod:`erasekit.evaluation.protocols`) build the job list and a scoring function; this module does the
+rest the same way for all of them. Under ``torch.distributed`` every rank generates its shard; rank 0 scores and
+writes the record, and the other ranks return ``{}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from erasekit.errors import ErasekitError
+from erasekit.evaluation import record as rec
+from erasekit.evaluation.runner import Job, Sampling, _barrier, generate, scheduler_info, shard
+
+# score(entries, patch) -> metrics; entries are the manifest entries in job order.
+Scorer = Callable[[list[dict[str, Any]], Any], dict[str, Any]]
+
+
+def combined_patch(patches: Sequence[Any], merge: str | None = None) -> Any | None:
+    """One patch from several (``Patch.compose``), or ``None`` when there are none."""
+    from erasekit.patch import Patch
+
+    if not patches:
+        return None
+    return patches[0] if len(patches) == 1 else Patch.compose(list(patches), merge)
+
+
+def run_protocol(
+    *,
+    protocol: str,
+    model: Any,
+    jobs: Sequence[Job],
+    sampling: Sampling,
+    score: Scorer,
+    out: str | Path,
+    config: dict[str, Any],
+    patches: Sequence[Any] = (),
+    merge: str | None = None,
+    batch_size: int = 8,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Generate ``jobs`` with the patched model into ``out``, score them, and write metrics and record.
+
+    Args:
+        protocol: the protocol name (recorded).
+        model: a :class:`~erasekit.models.loading.LoadedModel` with a pipeline, unpatched.
+        jobs: the images to generate.
+        sampling: steps, guidance, size, scheduler.
+        score: turns manifest entries (and the combined patch) into metrics.
+        out: the run directory (created, or resumed when unfinished).
+        config: what identifies the run (a restart must give the same); saved as ``run_config.json``.
+        patches: patches applied for generation, composed in order (fingerprints are checked).
+        merge: merge rule for patches that change the same tensor.
+        batch_size: images per pipeline call (runtime only).
+        overwrite: replace a finished run at ``out``.
+
+    Returns:
+        The metrics (``{}`` on ranks other than 0).
+    """
+    pipeline = model.require_pipeline()
+    if not jobs:
+        raise ErasekitError("the protocol produced no images to generate")
+    rank, world = shard()
+    rec.check_run(out, config, overwrite)  # every rank, so all of them stop with the same clear error
+    _barrier(world)
+    if rank == 0:
+        rec.prepare_run(out, config, overwrite)
+    _barrier(world)
+    start = time.perf_counter()
+    base_sha = rec.model_fingerprint(model.components)
+    patch = combined_patch(patches, merge)
+    before = {e["key"] for e in rec_manifest(out)}
+    gen_start = time.perf_counter()
+    with patch.applied(model) if patch is not None else contextlib.nullcontext():
+        entries = generate(pipeline, jobs, out, sampling, batch_size=batch_size)
+    gen_seconds = time.perf_counter() - gen_start
+    if rank != 0:
+        return {}
+    new = len({j.key for j in jobs} - before)
+    score_start = time.perf_counter()
+    metrics = score(entries, patch)
+    timings = {
+        "generation_seconds": gen_seconds,
+        "images_generated": new,
+        "images_per_second": new / gen_seconds if new and gen_seconds > 0 else None,
+        "scoring_seconds": time.perf_counter() - score_start,
+        "total_seconds": time.perf_counter() - start,
+        "world_size": world,
+        "batch_size": batch_size,
+    }
+    seeds = sorted({j.seed for j in jobs})
+    sampling_record = {
+        **asdict(sampling),
+        "seeds": seeds,
+        "scheduler_used": scheduler_info(pipeline, sampling.scheduler),
+    }
+    record = rec.build_record(
+        protocol=protocol,
+        config=config,
+        model=model,
+        model_sha256=base_sha,
+        patches=list(patches),
+        sampling=sampling_record,
+        timings=timings,
+        metrics=metrics,
+    )
+    rec.finish_run(out, metrics, record)
+    return metrics
+
+
+def rec_manifest(out: str | Path) -> list[dict[str, Any]]:
+    from erasekit.evaluation.runner import read_manifest
+
+    return read_manifest(out) if Path(out).is_dir() else []
+
+
+def load_images(out: str | Path, entries: Sequence[dict[str, Any]]) -> list[Any]:
+    """The PIL images of manifest entries, fully read (files are closed)."""
+    from PIL import Image
+
+    images = []
+    for e in entries:
+        with Image.open(Path(out) / e["file"]) as im:
+            images.append(im.convert("RGB"))
+    return images

@@ -1,0 +1,172 @@
+"""Helpers shared by the baseline methods: selecting parameters by module path, freezing, and making patches.
+
+Parameter sets are chosen by whole dotted path components and module type, never by substrings: the
+module ``down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k`` is "in attn2" because one of its path
+components is exactly ``attn2``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from erasekit.errors import ErasekitError
+from erasekit.patch import Patch, resolve_param
+
+LINEAR = (nn.Linear,)
+LINEAR_OR_CONV = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def in_path(qualname: str, component: str) -> bool:
+    """True when ``component`` is one whole dotted component of ``qualname``."""
+    return component in qualname.split(".")
+
+
+def select_modules(root: nn.Module, keep: Callable[[str, nn.Module], bool]) -> list[str]:
+    """Qualified names of the modules of ``root`` for which ``keep(name, module)`` holds, in model order."""
+    return [name for name, module in root.named_modules() if name and keep(name, module)]
+
+
+def module_params(root: nn.Module, modules: Sequence[str]) -> list[str]:
+    """Qualified names of the parameters owned directly by each of ``modules`` (weights and biases)."""
+    names = []
+    for mod in modules:
+        names += [f"{mod}.{p}" for p, _ in root.get_submodule(mod).named_parameters(recurse=False)]
+    return names
+
+
+def attn2_linears(unet: nn.Module, projections: Sequence[str] | None = None) -> list[str]:
+    """Linear modules of the UNet's cross-attention (``attn2``), optionally only the named projections.
+
+    Args:
+        projections: e.g. ``("to_k", "to_v")``: keep modules whose last path component is one of them.
+    """
+
+    def keep(name: str, module: nn.Module) -> bool:
+        if not (isinstance(module, LINEAR) and in_path(name, "attn2")):
+            return False
+        return projections is None or name.split(".")[-1] in projections
+
+    names = select_modules(unet, keep)
+    if not names:
+        raise ErasekitError("the UNet has no cross-attention (attn2) Linear modules to edit")
+    return names
+
+
+def non_attn2_layers(unet: nn.Module) -> list[str]:
+    """Every Linear and Conv module of the UNet outside cross-attention (ESD-u's parameter set)."""
+    return select_modules(unet, lambda n, m: isinstance(m, LINEAR_OR_CONV) and not in_path(n, "attn2"))
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for ``modules`` inside the block; both are restored after it."""
+    states = [(m, m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in modules]
+    try:
+        for m in modules:
+            m.eval().requires_grad_(False)
+        yield
+    finally:
+        for m, training, flags in states:
+            m.train(training)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def trained_in_place(module: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Make ``names`` trainable in place; on exit every one is put back to its original value, bit for bit.
+
+    Yields:
+        ``{name: live parameter}`` with ``requires_grad`` on; everything else in ``module`` is frozen.
+    """
+    params = {n: resolve_param(module, n) for n in names}
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with frozen(module):
+        try:
+            for p in params.values():
+                p.requires_grad_(True)
+            yield params
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+
+
+def trainable_copies(module: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Detached fp32-or-native copies of ``names`` with gradients on, for ``torch.func.functional_call``."""
+    return {n: resolve_param(module, n).detach().clone().requires_grad_(True) for n in names}
+
+
+def patch_from_values(model: Any, component: str, new: dict[str, torch.Tensor], **meta: Any) -> Patch:
+    """A Patch holding those of ``new`` that differ from the model's current tensors.
+
+    The new values are written into the live model only for :meth:`Patch.from_modules` to read them, and the
+    originals are restored before returning.
+
+    Args:
+        model: the :class:`~erasekit.LoadedModel`.
+        component: ``"unet"`` or ``"text_encoder"``.
+        new: ``{param name: tensor}`` of the same shapes as the model's.
+    """
+    module = model.components[component]
+    live = {n: resolve_param(module, n) for n in new}
+    changed = [n for n in new if not torch.equal(new[n].to(live[n].dtype), live[n].detach())]
+    base = {f"{component}/{n}": live[n].detach().clone() for n in changed}
+    try:
+        with torch.no_grad():
+            for n in changed:
+                live[n].copy_(new[n])
+        return Patch.from_modules(
+            model.components, {component: changed}, base, method=meta.pop("method", ""), **meta
+        )
+    finally:
+        with torch.no_grad():
+            for n in changed:
+                live[n].copy_(base[f"{component}/{n}"])
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator: the only source of randomness of a method, so results do not depend on the device."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def check_positive(**values: float) -> None:
+    """``ValueError`` naming the first non-positive value (used in configs' ``__post_init__``)."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def block_params(encoder: nn.Module, blocks: Sequence[int]) -> list[str]:
+    """Every parameter name inside the given transformer blocks of a CLIP text encoder."""
+    from erasekit.models.families import block_path
+
+    prefixes = [block_path(encoder, b) + "." for b in blocks]
+    return [n for n, _ in encoder.named_parameters() if n.startswith(tuple(prefixes))]
+
+
+def drop_unchanged(patch: Patch, model: Any) -> Patch:
+    """``patch`` without the tensors equal to the model's current ones (a trained tensor the loss never reached)."""
+    import dataclasses
+
+    from erasekit.patch import split_key
+
+    def same(key: str) -> bool:
+        comp, name = split_key(key)
+        live = resolve_param(model.components[comp], name).detach()
+        return torch.equal(patch.tensors[key].to(live.device, live.dtype), live)
+
+    keep = [k for k in patch.tensors if not same(k)]
+    return dataclasses.replace(
+        patch, tensors={k: patch.tensors[k] for k in keep}, fingerprints={k: patch.fingerprints[k] for k in keep}
+    )

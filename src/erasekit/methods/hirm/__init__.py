@@ -1,0 +1,82 @@
+"""HiRM (Lee, Kim, Hwang, ICLR 2026): High-Level Representation Misdirection, methods ``hirm-r`` and ``hirm-s``.
+
+HiRM updates only the first block(s) of every CLIP text encoder of a model, supervised at a late point (the
+last block's self-attention ``out_proj`` output by default): the concept's representation there is pushed to a
+designated target, a scaled random vector (R) or a super-category's representation (S). The rest of the
+diffusion model is untouched, so the patch also applies to other pipelines sharing the encoder (Flux).
+
+Layout: ``config`` (dataclasses, presets), ``targets`` (prompts, hook, targets), ``train`` (the loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+from erasekit.errors import ErasekitError
+from erasekit.methods.hirm.config import HirmConfig, HirmSConfig, presets
+from erasekit.methods.hirm.train import TrainResult, trained
+from erasekit.patch import Patch
+from erasekit.registry import register
+
+__all__ = ["HirmConfig", "HirmSConfig", "TrainResult", "erase_hirm", "trained"]
+
+
+def erase_hirm(model: object, concepts: Sequence[str], config: HirmConfig, method: str = "hirm") -> Patch:
+    """Train every CLIP encoder of ``model`` and return one patch of the trained tensors.
+
+    Args:
+        model: a :class:`~erasekit.LoadedModel` (every encoder of ``model.clip_encoders()`` is trained, each
+            with its own tokenizer, target width and optimizer).
+        concepts: the concepts to erase. Several are trained jointly, or separately and averaged
+            (``config.multi``).
+        config: the HiRM config.
+        method: the registry name recorded in the patch.
+    """
+    if config.multi == "average" and len(concepts) > 1:
+        parts = [_erase_joint(model, [c], config, method) for c in concepts]
+        return Patch.compose(parts, merge="mean")
+    return _erase_joint(model, concepts, config, method)
+
+
+def _erase_joint(model: object, concepts: Sequence[str], config: HirmConfig, method: str) -> Patch:
+    encoders = model.clip_encoders()
+    components, names, base = {}, {}, {}
+    with contextlib.ExitStack() as stack:
+        for comp, encoder, tokenizer in encoders:
+            run = stack.enter_context(trained(encoder, tokenizer, concepts, config, desc=f"{method} {comp}"))
+            components[comp], names[comp] = encoder, run.names
+            base.update({f"{comp}/{n}": t for n, t in run.base.items()})
+        return Patch.from_modules(components, names, base, method=method, concepts=tuple(concepts))
+
+
+def _check_target(config: HirmConfig, method: str, target: str) -> None:
+    if config.target != target:
+        other = "hirm-s" if target == "random" else "hirm-r"
+        raise ErasekitError(f"{method} uses target={target!r}; for target={config.target!r} use {other}")
+
+
+@register(
+    "hirm-r",
+    HirmConfig,
+    presets=presets(coefficient=5000.0),
+    default_preset="default",
+    summary="HiRM-R: train CLIP block 0 so the concept's last-block representation hits a random vector",
+)
+def erase_hirm_r(model: object, concepts: Sequence[str], config: HirmConfig) -> Patch:
+    """HiRM-R: misdirect toward ``c * U / ||U||``, ``U`` uniform random (seeded, CPU)."""
+    _check_target(config, "hirm-r", "random")
+    return erase_hirm(model, concepts, config, "hirm-r")
+
+
+@register(
+    "hirm-s",
+    HirmSConfig,
+    presets=presets(coefficient=1.0),
+    default_preset="default",
+    summary="HiRM-S: train CLIP block 0 so the concept's last-block representation becomes a super-category's",
+)
+def erase_hirm_s(model: object, concepts: Sequence[str], config: HirmConfig) -> Patch:
+    """HiRM-S: misdirect toward ``c * rep(anchor)``; nudity: safe misdirection against a nudity vector."""
+    _check_target(config, "hirm-s", "semantic")
+    return erase_hirm(model, concepts, config, "hirm-s")

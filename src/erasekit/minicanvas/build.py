@@ -1,0 +1,127 @@
+"""``train_minicanvas``: every stage in order, written as a pipeline folder plus the classifier.
+
+Output layout (what ``src/erasekit/minicanvas/weights/`` ships)::
+
+    OUT/pipeline/             StableDiffusionPipeline.save_pretrained (fp16 safetensors)
+    OUT/classifier.safetensors, OUT/classifier.json
+    OUT/training.json         config, stage times, measured quality
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from erasekit.io import atomic_write_json
+from erasekit.minicanvas.train import Log, TrainConfig
+
+PIPELINE_DIR = "pipeline"
+TRAINING_FILE = "training.json"
+
+
+def _seeds(seed: int) -> dict[str, Any]:
+    """Independent generators for each stage, all derived from ``seed``."""
+    names = ("render_train", "render_heldout", "clip", "vae", "classifier", "plan", "unet")
+    children = np.random.SeedSequence(seed).spawn(len(names))
+    out: dict[str, Any] = {}
+    for name, child in zip(names, children):
+        rng = np.random.default_rng(child)
+        out[name] = rng if name.startswith("render") or name in ("clip", "plan") else torch.Generator().manual_seed(
+            int(rng.integers(2**63 - 1))
+        )
+    return out
+
+
+def assemble(text_encoder: Any, tokenizer: Any, vae: Any, unet: Any) -> Any:
+    """A ``StableDiffusionPipeline`` from the trained parts, with SD1.x's DDIM sampler and no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    from erasekit.minicanvas.models import sample_scheduler
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _timed(times: dict[str, float], name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    times[name] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def train_minicanvas(out: str | Path, cfg: TrainConfig, log: Log = lambda _: None, eval_seeds: int = 2) -> dict[str, Any]:
+    """Train every MiniCanvas part from scratch and write them into ``out``.
+
+    Args:
+        out: an existing, empty folder (the CLI stages it with :func:`erasekit.io.output_dir`).
+        cfg: the training configuration.
+        log: receives one line per progress report.
+        eval_seeds: seeds per cell for the final base-generation check (0 skips it).
+
+    Returns:
+        the ``training.json`` record: config, per-stage seconds, and measured quality.
+    """
+    from erasekit.minicanvas.data import render_set
+    from erasekit.minicanvas.diffusion import encode_captions, plan_captions, train_unet
+    from erasekit.minicanvas.evaluate import evaluate_grid, heldout_accuracy, retrieval_accuracy
+    from erasekit.minicanvas.models import round_to_fp16_
+    from erasekit.minicanvas.train import encode_latents, reconstruct, train_classifier, train_clip, train_vae
+    from erasekit.models.tokenizer import clip_tokenizer
+
+    torch.manual_seed(cfg.seed)  # network initialisation
+    rngs, times, quality = _seeds(cfg.seed), {}, {}
+    tokenizer = clip_tokenizer()
+    data = _timed(times, "render", render_set, cfg.per_cell, rngs["render_train"])
+    heldout = render_set(cfg.heldout_per_cell, rngs["render_heldout"], desc="render held-out")
+    log(f"rendered {len(data)} training and {len(heldout)} held-out images")
+
+    clip = _timed(times, "clip", train_clip, data, cfg, tokenizer, rngs["clip"], log)
+    text_encoder = round_to_fp16_(clip["text_encoder"]).requires_grad_(False)
+    quality["clip_retrieval_top1"] = retrieval_accuracy(clip, tokenizer, heldout)
+    log(f"tiny CLIP caption->image retrieval top-1: {quality['clip_retrieval_top1']:.1f}%")
+
+    vae = _timed(times, "vae", train_vae, data, cfg, rngs["vae"], log).requires_grad_(False)
+    latents = _timed(times, "encode", encode_latents, vae, data.images)
+    recon = reconstruct(vae, latents[0])
+    quality["vae_l1"] = float((recon - data.images).abs().mean())
+
+    classifier = _timed(times, "classifier", train_classifier, data, recon, cfg, rngs["classifier"], log)
+    quality["classifier_heldout"] = heldout_accuracy(classifier, heldout)
+    log(f"classifier held-out accuracy: {quality['classifier_heldout']}")
+
+    plan, captions = plan_captions(data.cells, cfg, rngs["plan"])
+    states = _timed(times, "text_states", encode_captions, text_encoder, tokenizer, captions)
+    scaling = vae.config.scaling_factor
+    unet = _timed(times, "unet", train_unet, latents, scaling, states, plan, cfg, rngs["unet"], log)
+
+    pipe = assemble(text_encoder, tokenizer, vae, round_to_fp16_(unet))
+    if eval_seeds:
+        result = _timed(times, "eval", evaluate_grid, pipe, classifier, seeds=eval_seeds)
+        quality["base_grid"] = {"seeds": eval_seeds, "object": result.object_accuracy, "style": result.style_accuracy}
+        log(f"base generations: object {result.object_accuracy:.1f}%, style {result.style_accuracy:.1f}%")
+    _save(Path(out), pipe, classifier)
+    record = {"config": cfg.to_dict(), "seconds": times, "quality": quality, "train_images": len(data)}
+    atomic_write_json(Path(out) / TRAINING_FILE, record)
+    return record
+
+
+def _save(out: Path, pipe: Any, classifier: Any) -> None:
+    """Write the pipeline as fp16 safetensors and the classifier as fp32 safetensors."""
+    pipe.to(torch.float16)
+    try:
+        pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)
+    finally:
+        pipe.to(torch.float32)
+    classifier.save(out)
