@@ -33,7 +33,11 @@ FAST = {  # tiny budgets: the contract, not the quality
     "hirm-ablate-all": {"steps": 2},
     "hirm-ablate-last": {"steps": 2},
 }
-CASES = [(m, None) for m in FAST] + [("esd-x", "strict"), ("advunlearn", "block0"), ("advunlearn", "all-blocks")]
+CASES = [(m, None) for m in FAST] + [
+    ("esd-x", "strict"),
+    ("advunlearn", "block0"),
+    ("advunlearn", "all-blocks"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +72,11 @@ def unet_params(model, keep) -> set[str]:
 
 
 def te_params(model, keep) -> set[str]:
-    return {f"text_encoder/{n}" for n, _ in model.components["text_encoder"].named_parameters() if keep(n.split("."))}
+    return {
+        f"text_encoder/{n}"
+        for n, _ in model.components["text_encoder"].named_parameters()
+        if keep(n.split("."))
+    }
 
 
 def intended(model, method: str, preset: str | None) -> set[str]:
@@ -86,11 +94,16 @@ def intended(model, method: str, preset: str | None) -> set[str]:
     layer = lambda parts: parts[2] if parts[:2] == ["encoder", "layers"] else None  # noqa: E731
     proj = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
     if method == "advunlearn":
-        return te_params(model, {None: lambda p: True, "block0": lambda p: layer(p) == "0"}.get(preset, layer))
+        keep = {"paper": lambda p: True, "block0": lambda p: layer(p) == "0", "all-blocks": layer}[
+            preset or "paper"
+        ]
+        return te_params(model, keep)
     if method == "fewshot-te":
         return te_params(model, lambda p: layer(p) and ("mlp" in p or layer(p) == last and "self_attn" in p))
     if method == "hirm-ablate-all":  # the last block's MLP sits after the supervision point: it cannot move
-        return te_params(model, lambda p: layer(p) is not None and p[-2] in proj and not (layer(p) == last and "mlp" in p))
+        return te_params(
+            model, lambda p: layer(p) is not None and p[-2] in proj and not (layer(p) == last and "mlp" in p)
+        )
     block = {"hirm-ablate-block0": "0", "hirm-ablate-last": last}[method]
     return te_params(model, lambda p: layer(p) == block and p[-2] in proj)
 
@@ -130,14 +143,24 @@ def test_contract(model, tmp_path, method, preset):
     assert again.fingerprint() == patch.fingerprint(), "same seed, different patch"
 
 
-@pytest.mark.parametrize("method", ["uce", "speed"])
-def test_closed_form_runs_on_sdxl_with_concatenated_embeddings(tiny_sdxl_dir, method):
+@pytest.mark.parametrize(("family", "width"), [("sd2", 32), ("sdxl", 32 + 48)])
+def test_uce_on_other_families_reads_their_own_conditioning(tiny_model_dir, family, width):
+    model = erasekit.load(tiny_model_dir(family))  # SDXL: both encoders' states concatenated
+    patch = erasekit.erase(model, ["Van Gogh"], "uce", concept_type="style")
+    assert model.components["unet"].config.cross_attention_dim == width
+    w0 = kv_weights(model)
+    c_e = cf.last_token_embeddings(model.pipeline, ["Van Gogh"])
+    c_g = cf.last_token_embeddings(model.pipeline, ["art"])
+    assert c_e.shape == (1, width)
+    for name, w in edited(patch, w0).items():
+        assert rel(c_e @ w.T, c_g @ w0[name].T) < 0.05
+
+
+def test_speed_runs_on_sdxl(tiny_sdxl_dir):
     model = erasekit.load(tiny_sdxl_dir)
-    patch = erasekit.erase(model, ["Van Gogh"], method, concept_type="style")
-    unet = model.components["unet"]
-    width = unet.config.cross_attention_dim  # 32 + 48: both encoders' states concatenated
-    assert width == 80 and all(t.shape[1] == width for t in patch.tensors.values())
-    assert all("attn2" in k.split(".") for k in patch.tensors)
+    patch = erasekit.erase(model, ["Van Gogh"], "speed", concept_type="style", retain=("a dog",))
+    assert patch.tensors and all(k.endswith("attn2.to_v.weight") for k in patch.tensors)
+    assert all(t.shape[1] == 80 for t in patch.tensors.values())
 
 
 def kv_weights(model, projections=("to_k", "to_v")) -> dict[str, torch.Tensor]:
@@ -165,12 +188,13 @@ def test_uce_maps_erased_to_guide_and_keeps_preserved(model):
         assert rel(c_p @ w.T, c_p @ w0[name].T) < 0.05
 
 
-def test_speed_keeps_invariants_and_retain_and_moves_target_to_anchor(model):
-    from erasekit.methods.speed import SPEEDConfig, edit_statistics, prompt_rows
+@pytest.mark.parametrize("filters", [False, True])
+def test_speed_keeps_invariants_and_retain_and_moves_target_to_anchor(model, filters):
+    from erasekit.methods.speed import edit_statistics, prompt_rows
 
     pipe, retain = model.pipeline, ("a dog", "a house", "a tree")
-    config = make_config("speed", None, "style", retain=retain)
-    assert isinstance(config, SPEEDConfig) and config.anchor == "art"
+    config = make_config("speed", None, "style", retain=retain, ipf=filters, dpa=filters)
+    assert config.anchor == "art"
     patch = erasekit.erase(model, ["Van Gogh"], "speed", config=config)
     stats = edit_statistics(pipe, ["Van Gogh"], config, torch.Generator().manual_seed(config.seed))
     targets = prompt_rows(pipe, ["Van Gogh"])
@@ -180,8 +204,25 @@ def test_speed_keeps_invariants_and_retain_and_moves_target_to_anchor(model):
     for name, w in edited(patch, w0).items():
         assert rel(k2 @ w.T, k2 @ w0[name].T) < 1e-6  # IEC: exact equality constraints
         moved = (targets @ (w - w0[name]).T).norm()
-        assert (rows @ (w - w0[name]).T).norm() < 0.05 * moved  # retain rows barely move
-        assert (targets @ w.T - anchors @ w0[name].T).norm() < 0.9 * (targets - anchors).matmul(w0[name].T).norm()
+        if not filters:  # every retain row spans P's complement: its outputs stay put
+            assert (rows @ (w - w0[name]).T).norm() < 1e-6 * moved
+        assert (targets @ w.T - anchors @ w0[name].T).norm() < 0.9 * (targets - anchors).matmul(
+            w0[name].T
+        ).norm()
+
+
+def test_speed_prior_filtering_keeps_the_influential_rows():
+    from erasekit.methods.speed import augment, influence_filter
+
+    e = torch.diag(torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64))
+    rows = torch.eye(3, dtype=torch.float64)
+    assert torch.equal(influence_filter(e, rows), rows[:1])  # scores 3, 1, 0: mean 4/3
+    w = torch.diag(torch.tensor([2.0, 1.0, 1e-3], dtype=torch.float64))
+    config = make_config("speed", dpa_copies=2, dpa_scale=0.5)
+    out = augment(w, rows, config, torch.Generator().manual_seed(0))
+    assert out.shape == (9, 3) and torch.equal(out[:3], rows)
+    noise = out[3:] - rows.repeat(2, 1)
+    assert noise[:, :2].abs().max() < 1e-12 and noise[:, 2].abs().min() > 0  # only W's weakest direction
 
 
 def test_speed_without_retain_or_iec_is_the_plain_ridge_edit(model):
@@ -215,6 +256,25 @@ def test_rece_derives_c_prime_by_its_formula_and_erases_it(model):
     assert after < 0.5 * before
 
 
+def test_rece_two_rounds_match_the_formulas_written_out(model):
+    pipe, eye = model.pipeline, torch.eye(32, dtype=torch.float64)
+    w0 = kv_weights(model)
+    c = cf.last_token_embeddings(pipe, ["Van Gogh"]).T  # [D, 1]
+    art, null = cf.last_token_embeddings(pipe, ["art"]).T, cf.last_token_embeddings(pipe, [""]).T
+    lam, reg, lam2 = 0.5, 1e-3, 0.1
+    w = {n: (lam * w0[n] + w0[n] @ art @ c.T) @ torch.linalg.inv(lam * eye + c @ c.T) for n in w0}  # UCE
+    for _ in range(2):
+        gram = sum(w[n].T @ w[n] for n in w0) + reg * eye
+        c_prime = torch.linalg.inv(gram) @ sum(w[n].T @ w0[n] for n in w0) @ c
+        w = {
+            n: (lam2 * w[n] + w0[n] @ null @ c_prime.T) @ torch.linalg.inv(lam2 * eye + c_prime @ c_prime.T)
+            for n in w0
+        }
+    patch = erasekit.erase(model, ["Van Gogh"], "rece", concept_type="style", rounds=2)
+    got = edited(patch, w0)
+    assert all(torch.allclose(got[n], w[n].float().double(), atol=1e-6) for n in w0)
+
+
 def test_mace_cfr_aligns_words_after_the_concept_and_remaps_them(model):
     from erasekit.methods.mace_cfr import aligned_positions, refinement_rows
 
@@ -227,12 +287,14 @@ def test_mace_cfr_aligns_words_after_the_concept_and_remaps_them(model):
     sources, targets = refinement_rows(pipe, ["Van Gogh"], config)
     w0 = kv_weights(model)
     for name, w in edited(patch, w0).items():
-        assert (sources @ w.T - targets @ w0[name].T).norm() < 0.5 * (sources - targets).matmul(w0[name].T).norm()
+        assert (sources @ w.T - targets @ w0[name].T).norm() < 0.5 * (sources - targets).matmul(
+            w0[name].T
+        ).norm()
 
 
 def test_esd_loss_decreases_on_a_fixed_sample(model):
-    from erasekit.methods.esd import esd_loss, parameter_names
     from erasekit.methods._common import frozen, trainable_copies
+    from erasekit.methods.esd import esd_loss, parameter_names
     from erasekit.sampling import encode_prompts, sample_until
 
     pipe = model.pipeline
@@ -241,8 +303,16 @@ def test_esd_loss_decreases_on_a_fixed_sample(model):
         with torch.no_grad():
             emb = {"c": encode_prompts(pipe, ["circle"]), "null": encode_prompts(pipe, [""])}
         emb["from"] = emb["c"]
-        x_t, t = sample_until(pipe, emb["c"], emb["null"], steps=4, stop=2, guidance=3.0, generator=torch.Generator().manual_seed(0))
-        opt = torch.optim.Adam(params.values(), lr=1e-2)
+        x_t, t = sample_until(
+            pipe,
+            emb["c"],
+            emb["null"],
+            steps=4,
+            stop=2,
+            guidance=3.0,
+            generator=torch.Generator().manual_seed(0),
+        )
+        opt = torch.optim.Adam(params.values(), lr=2e-4)
         losses = []
         for _ in range(8):
             loss = esd_loss(pipe.unet, params, x_t, t, emb, eta=2.0)
@@ -250,7 +320,7 @@ def test_esd_loss_decreases_on_a_fixed_sample(model):
             loss.backward()
             opt.step()
             losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < 0.7 * losses[0], losses
 
 
 def test_sampler_is_seeded_and_stops_where_asked(model):
@@ -258,7 +328,11 @@ def test_sampler_is_seeded_and_stops_where_asked(model):
 
     pipe = model.pipeline
     c, u = encode_prompts(pipe, ["circle"]), encode_prompts(pipe, [""])
-    run = lambda stop: sample_until(pipe, c, u, steps=5, stop=stop, guidance=3.0, generator=torch.Generator().manual_seed(3))  # noqa: E731
+
+    def run(stop):
+        g = torch.Generator().manual_seed(3)
+        return sample_until(pipe, c, u, steps=5, stop=stop, guidance=3.0, generator=g)
+
     x0, t0 = run(0)
     assert torch.equal(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)))
     (xa, ta), (xb, tb) = run(3), run(3)
@@ -301,7 +375,9 @@ def test_advunlearn_attack_lowers_its_loss(model):
 
     def loss(delta):
         with torch.no_grad(), prefix_embeddings(pipe.text_encoder, delta):
-            return F.mse_loss(predict_noise(pipe.unet, x_t, 500, encode_prompts(pipe, [with_prefix("circle", 1)])), want)
+            return F.mse_loss(
+                predict_noise(pipe.unet, x_t, 500, encode_prompts(pipe, [with_prefix("circle", 1)])), want
+            )
 
     with frozen(pipe.unet, pipe.text_encoder):
         delta0 = torch.zeros(1, 32)

@@ -141,3 +141,33 @@ def test_methods_and_env_list_hirm(capsys):
     assert "paper" in info["presets"] and any(o["name"] == "steps" for o in info["options"])
     assert main(["env", "--json"]) == 0
     assert "hirm-r" in json.loads(capsys.readouterr().out)["methods"]
+
+
+def test_generate_is_deterministic(tiny_sd15_dir, tmp_path):
+    argv = ["--quiet", "generate", "--model", str(tiny_sd15_dir), "--prompt", "a cat", "--num", "2",
+            "--steps", "2", "--seed", "7", "--batch-size", "1"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert main([*argv[:-1], "2", "--out", str(tmp_path / "b")]) == 0  # another batch size, same images
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
+    assert names == ["00000_seed7.png", "00001_seed8.png"]
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / names[0]).read_bytes() != (tmp_path / "a" / names[1]).read_bytes()
+
+
+def test_generate_needs_a_pipeline(capsys, te_dir, tmp_path):
+    run_error(capsys, ["generate", "--model", str(te_dir), "--prompt", "a cat", "--out", str(tmp_path / "o")],
+              "not a full pipeline")  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+def test_apply_to_full_pipeline(tiny_sd15_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    patch = tmp_path / "p"
+    assert main(["--quiet", "erase", "--model", str(tiny_sd15_dir), "--concept", "cat", "--method", "hirm-r",
+                 *FAST, "--out", str(patch)]) == 0  # fmt: skip
+    assert main(["--quiet", "apply", "--model", str(tiny_sd15_dir), "--patch", str(patch), "--out", str(tmp_path / "m")]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "m")
+    for key, value in Patch.load(patch).tensors.items():
+        assert torch.equal(pipe.text_encoder.get_parameter(key.split("/", 1)[1]), value)

@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from erasekit.cli.main import main
-from tests.fixtures.evaluation_tiny import OBJECTS, STYLES, tiny_clip, tiny_model, tiny_patch
+from tests.fixtures.evaluation_tiny import (
+    OBJECTS,
+    STYLES,
+    one_thread,  # noqa: F401  (autouse: tiny models on one thread)
+    tiny_clip,
+    tiny_model,
+    tiny_patch,
+)
 from tests.test_evaluation_metrics import _save_vit_checkpoint
 
 FIX = Path(__file__).parent / "fixtures"
@@ -30,7 +37,7 @@ def _eval(assets, out, *extra):
 
 def test_eval_minicanvas_with_patch_and_user_classifier(assets, tmp_path, capsys):
     code = _eval(assets, tmp_path / "run", "--protocol", "minicanvas", "--patch", str(assets / "patch"),
-                 "--classifier", str(assets / "classifier"), "--target", "pixel", "--seeds", "1")  # fmt: skip
+                 "--classifier", str(assets / "classifier"), "--target", "pixel", "--seeds", "1", "--scheduler", "EulerDiscreteScheduler")  # fmt: skip
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in ("object_accuracy", "style_accuracy", "UA", "IRA", "CRA"):
@@ -40,6 +47,9 @@ def test_eval_minicanvas_with_patch_and_user_classifier(assets, tmp_path, capsys
     )  # "Photo" left out
     assert "generality" not in metrics  # synonyms come from the MiniCanvas world, not a user classifier
     assert "UA=" in capsys.readouterr().out
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["sampling"]["scheduler_used"]["class"] == "EulerDiscreteScheduler"
+    assert record["config"]["scheduler"] == "EulerDiscreteScheduler" and len(record["patches"]) == 1
 
 
 def test_eval_errors_are_one_line(assets, tmp_path, capsys):

@@ -8,6 +8,7 @@ import torch
 
 from erasekit.errors import ErasekitError
 from erasekit.evaluation.unlearncanvas import unlearncanvas_metrics
+from tests.fixtures.evaluation_tiny import one_thread  # noqa: F401  (autouse: tiny models on one thread)
 
 
 def _rec(o, s, po, ps):

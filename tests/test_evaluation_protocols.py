@@ -8,7 +8,14 @@ import pytest
 from erasekit.errors import ErasekitError
 from erasekit.evaluation.canvas import evaluate_minicanvas, seed_list
 from erasekit.evaluation.record import model_fingerprint
-from tests.fixtures.evaluation_tiny import OBJECTS, STYLES, fake_classifier, tiny_model, tiny_patch
+from tests.fixtures.evaluation_tiny import (
+    OBJECTS,
+    STYLES,
+    fake_classifier,
+    one_thread,  # noqa: F401  (autouse: tiny models on one thread)
+    tiny_model,
+    tiny_patch,
+)
 
 FAST = {"seeds": 1, "steps": 2, "batch_size": 16, "objects": list(OBJECTS), "styles": list(STYLES)}
 
@@ -140,3 +147,27 @@ def test_prompts_protocol_with_classifier_and_fake_nudenet(model, tmp_path):
     assert guidance == [7.0, 7.5, 8.0]
     with pytest.raises(ErasekitError, match="needs --target"):
         evaluate_prompts(model, tmp_path / "x", prompts=prompts, detector="classifier")
+
+
+def _shipped() -> bool:
+    from erasekit.minicanvas import weights_dir
+
+    try:
+        weights_dir()
+    except ErasekitError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _shipped(), reason="the MiniCanvas weights are not shipped in this checkout")
+def test_shipped_minicanvas_with_the_builtin_classifier(tmp_path):
+    from erasekit.models.loading import load
+
+    model = load("minicanvas")
+    grid = {"objects": ["circle", "star"], "styles": ["neon", "pixel", "sketch"]}
+    m = evaluate_minicanvas(model, tmp_path / "run", target="neon", seeds=1, generality=False, **grid)
+    # the base model draws what it is asked for (its quality bar is >= 90% on the full grid)
+    assert m["object_accuracy"] >= 50.0 and m["style_accuracy"] >= 50.0
+    assert m["UA"] <= 50.0 and m["matrix"]["styles"] == grid["styles"]
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["config"]["classifier"] == "minicanvas" and record["model"]["source"] == "minicanvas"

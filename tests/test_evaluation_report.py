@@ -3,14 +3,20 @@
 import shutil
 import subprocess
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 
 from erasekit.errors import ErasekitError
 from erasekit.evaluation.canvas import evaluate_minicanvas
 from erasekit.evaluation.report import write_report
-from tests.fixtures.evaluation_tiny import OBJECTS, STYLES, fake_classifier, tiny_model, tiny_patch
+from tests.fixtures.evaluation_tiny import (
+    OBJECTS,
+    STYLES,
+    fake_classifier,
+    one_thread,  # noqa: F401  (autouse: tiny models on one thread)
+    tiny_model,
+    tiny_patch,
+)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -9,7 +9,12 @@ import pytest
 
 from erasekit.errors import ErasekitError
 from erasekit.evaluation.runner import Job, Sampling, generate, grid, read_manifest
-from tests.fixtures.evaluation_tiny import generate_shard_grid, shard_jobs, tiny_pipeline
+from tests.fixtures.evaluation_tiny import (
+    generate_shard_grid,
+    one_thread,  # noqa: F401  (autouse: tiny models on one thread)
+    shard_jobs,
+    tiny_pipeline,
+)
 
 SAMPLING = Sampling(steps=2, guidance=3.0)
 

@@ -122,39 +122,23 @@ def test_tiny_encoders_differ_in_depth_and_padding():
     assert sd2["text_encoder"].config.hidden_act == "gelu"
 
 
-def test_full_size_clip_configs_are_exact():
-    clip_l = component_config("sd15", "text_encoder", "full")
-    assert (clip_l["hidden_size"], clip_l["num_hidden_layers"], clip_l["num_attention_heads"]) == (
-        768,
-        12,
-        12,
-    )
-    assert (clip_l["intermediate_size"], clip_l["hidden_act"], clip_l["projection_dim"]) == (
-        3072,
-        "quick_gelu",
-        768,
-    )
-    h = component_config("sd2", "text_encoder", "full")
-    assert (h["hidden_size"], h["num_hidden_layers"], h["num_attention_heads"], h["intermediate_size"]) == (
-        1024,
-        23,
-        16,
-        4096,
-    )
-    assert h["hidden_act"] == "gelu"
-    g = component_config("sdxl", "text_encoder_2", "full")
-    assert (g["hidden_size"], g["num_hidden_layers"], g["num_attention_heads"], g["intermediate_size"]) == (
-        1280,
-        32,
-        20,
-        5120,
-    )
-    assert (g["hidden_act"], g["projection_dim"]) == ("gelu", 1280)
-    assert (
-        component_config("sdxl", "text_encoder", "full")
-        == clip_l
-        == component_config("flux", "text_encoder", "full")
-    )
+CLIP_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act")
+FULL_CLIP = {  # (family, component): (hidden, blocks, heads, MLP, activation, projection)
+    ("sd15", "text_encoder"): (768, 12, 12, 3072, "quick_gelu", 768),  # CLIP ViT-L/14
+    ("sd2", "text_encoder"): (1024, 23, 16, 4096, "gelu", 512),  # OpenCLIP ViT-H/14, penultimate layer
+    ("sdxl", "text_encoder"): (768, 12, 12, 3072, "quick_gelu", 768),
+    ("sdxl", "text_encoder_2"): (1280, 32, 20, 5120, "gelu", 1280),  # OpenCLIP ViT-bigG/14
+    ("sd3", "text_encoder"): (768, 12, 12, 3072, "quick_gelu", 768),
+    ("sd3", "text_encoder_2"): (1280, 32, 20, 5120, "gelu", 1280),
+    ("flux", "text_encoder"): (768, 12, 12, 3072, "quick_gelu", 768),
+}
+
+
+@pytest.mark.parametrize(("family", "component"), sorted(FULL_CLIP))
+def test_full_size_clip_configs_are_exact(family, component):
+    config = component_config(family, component, "full")
+    assert tuple(config[k] for k in (*CLIP_KEYS, "projection_dim")) == FULL_CLIP[family, component]
+    assert (config["vocab_size"], config["max_position_embeddings"]) == (49408, 77)
 
 
 @pytest.mark.parametrize(("family", "component"), sorted(FULL_PARAMS))

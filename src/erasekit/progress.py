@@ -10,8 +10,14 @@ _ENABLED = True
 
 
 def set_enabled(enabled: bool) -> None:
+    """Turn erasekit's bars on or off, and with them those transformers and diffusers draw while loading."""
     global _ENABLED
     _ENABLED = enabled
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        (lib.enable_progress_bar if enabled else lib.disable_progress_bar)()
 
 
 def enabled() -> bool:

@@ -199,7 +199,7 @@ def check_concepts(model: Any, concepts: Sequence[str]) -> list[str]:
     concepts = [c.strip() for c in concepts]
     if not concepts or any(not c for c in concepts):
         raise ErasekitError("a concept must be a non-empty string")
-    encoders = model.clip_encoders() if hasattr(model, "clip_encoders") else []
+    encoders = model.clip_encoders() if model is not None else []
     for _, _, tok in encoders:
         if tok is None:
             continue

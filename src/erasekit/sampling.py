@@ -26,7 +26,9 @@ def check_unet_family(model: Any, method: str) -> Any:
     """The pipeline of ``model``, or an error when ``method`` cannot run this sampler on it."""
     pipe = model.require_pipeline()
     if model.family.name not in UNET_FAMILIES:
-        raise ErasekitError(f"{method} trains through the UNet and supports {', '.join(UNET_FAMILIES)}, not {model.family.name}")
+        raise ErasekitError(
+            f"{method} trains through the UNet and supports {', '.join(UNET_FAMILIES)}, not {model.family.name}"
+        )
     return pipe
 
 
@@ -38,7 +40,10 @@ def encode_prompts(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
     """
     # Keywords, because SDXL's encode_prompt takes ``prompt_2`` second; element 0 is the prompt embeddings.
     out = pipe.encode_prompt(
-        prompt=list(prompts), device=pipe.unet.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        prompt=list(prompts),
+        device=pipe.unet.device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=False,
     )
     return out[0]
 
@@ -84,7 +89,12 @@ def predict_noise(
 
 
 def guided_noise(
-    unet: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, uncond: torch.Tensor, scale: float
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    t: torch.Tensor | int,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
     """Classifier-free guidance ε_u + s (ε_c − ε_u), with one batched UNet call. Shapes as :func:`predict_noise`."""
     both = predict_noise(unet, torch.cat([latents, latents]), t, torch.cat([uncond, cond]))
@@ -136,14 +146,19 @@ def noised(pipe: Any, x0: torch.Tensor, generator: torch.Generator) -> tuple[tor
         x0: ``[B, C, h, w]`` clean latents.
 
     Returns:
-        ``(x_t, noise, t)``: noised latents and the noise, both ``[B, C, h, w]``, and the timestep ``[B]``.
+        ``(x_t, target, t)``: noised latents and the UNet's regression target (the noise, or the velocity for
+        v-prediction models such as SD2-768), both ``[B, C, h, w]``, and the timesteps ``[B]``.
     """
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
-    return scheduler.add_noise(x0, noise, t), noise, t.to(x0.device)
+    t = t.to(x0.device)
+    x_t = scheduler.add_noise(x0, noise, t)
+    if scheduler.config.prediction_type == "v_prediction":
+        return x_t, scheduler.get_velocity(x0, noise, t), t
+    return x_t, noise, t
 
 
 PLACEHOLDER = "*"  # one CLIP token; its embedding rows are overwritten by :func:`prefix_embeddings`

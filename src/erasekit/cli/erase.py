@@ -34,9 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_erase(args: argparse.Namespace) -> int:
     from erasekit.io import check_output_dir
     from erasekit.models.loading import load
-    from erasekit.registry import erase
+    from erasekit.registry import check_concepts, erase
 
     check_output_dir(args.out, args.overwrite)
+    check_concepts(None, args.concept)
     spec = get_method(args.method)
     overrides = config_overrides(args, spec.config_cls)
     model = load(args.model, device=args.device, allow_pickle=args.allow_pickle)

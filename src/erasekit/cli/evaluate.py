@@ -36,6 +36,9 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (minicanvas 2, others 1)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (minicanvas 25, others 50)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (minicanvas 5.0, others 7.5)")
+    p.add_argument(
+        "--scheduler", default=None, help="diffusers scheduler class, e.g. DDIMScheduler (default: model's)"
+    )
     p.add_argument("--height", type=int, default=None, help="image height (prompt protocols)")
     p.add_argument("--width", type=int, default=None, help="image width (prompt protocols)")
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (runtime only)")
@@ -73,7 +76,7 @@ def _split(text: str | None) -> list[str] | None:
 
 def _common(args: argparse.Namespace, patches: list[Any]) -> dict[str, Any]:
     kw = {"patches": patches, "merge": args.merge, "batch_size": args.batch_size, "overwrite": args.overwrite}
-    for name in ("seeds", "steps", "guidance"):
+    for name in ("seeds", "steps", "guidance", "scheduler"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     return kw

@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors and --help: a return code, so main() is callable from Python
+        return int(e.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -119,26 +119,40 @@ def _component_info(folder: Path, entry: list | None) -> dict[str, Any]:
 
 def _meta_module(folder: Path, entry: list | None) -> Any | None:
     """The component built from its config on the ``meta`` device (no memory), or ``None`` if not a module."""
-    import importlib
-
     import torch
 
     config = _read_json(folder / "config.json")
     if config is None:
-        return None  # tokenizers and schedulers
+        return None  # tokenizers, schedulers, image processors
     if entry:
         library, class_name = entry
     elif config.get("architectures"):
         library, class_name = "transformers", config["architectures"][0]
     else:
         library, class_name = "diffusers", config.get("_class_name", "")
-    cls = getattr(importlib.import_module(library), class_name, None)
+    cls = _find_class(library, class_name)
     if cls is None:
-        raise ErasekitError(f"{folder}: {library} has no class {class_name!r}")
+        return None  # e.g. a pipeline-specific class this diffusers lacks: described by name only
     with torch.device("meta"):
-        if library == "transformers":
+        if hasattr(cls, "config_class") and hasattr(cls.config_class, "from_pretrained"):  # transformers
             return cls(cls.config_class.from_pretrained(str(folder)))
-        return cls.from_config(cls.load_config(str(folder)))
+        if hasattr(cls, "from_config") and hasattr(cls, "load_config"):  # diffusers
+            return cls.from_config(cls.load_config(str(folder)))
+    return None
+
+
+def _find_class(library: str, class_name: str) -> Any | None:
+    """``library.class_name``; diffusers names pipeline-local classes by subpackage (``stable_diffusion``)."""
+    import importlib
+
+    for module in (library, f"diffusers.pipelines.{library}"):
+        try:
+            cls = getattr(importlib.import_module(module), class_name, None)
+        except ImportError:
+            continue
+        if cls is not None:
+            return cls
+    return None
 
 
 def _clip_layout(folder: Path, entry: list | None) -> dict[str, Any]:
@@ -182,12 +196,12 @@ def format_info(info: dict[str, Any]) -> str:
     for name, c in info["components"].items():
         params = f"{c['parameters']:>15,} params" if "parameters" in c else ""
         state = f"{params} {c.get('weights', '')}".rstrip() if c["present"] else "absent"
-        lines.append(f"  {name:<16} {c['class'] or '?':<32} {state}")
+        lines.append(f"  {name:<17} {c['class'] or '?':<32} {state}")
     lines.append("CLIP text encoders")
     for name, e in info["clip_encoders"].items():
         proj = f", projection {e['projection_dim']}" if e["projection_dim"] else ""
         lines.append(
-            f"  {name:<16} {e['blocks']} blocks, hidden {e['hidden_size']}, {e['heads']} heads, "
+            f"  {name:<17} {e['blocks']} blocks, hidden {e['hidden_size']}, {e['heads']} heads, "
             f"MLP {e['mlp_size']}, {e['activation']}{proj}; blocks at {e['block_path']}, "
             f"last attention out {e['last_attention_out']}"
         )

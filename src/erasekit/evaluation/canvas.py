@@ -79,6 +79,7 @@ def evaluate_minicanvas(
     seeds: int | Sequence[int] = 2,
     steps: int | None = None,
     guidance: float | None = None,
+    scheduler: str | None = None,
     batch_size: int = 32,
     classifier: ImageClassifier | None = None,
     objects: Sequence[str] | None = None,
@@ -98,6 +99,7 @@ def evaluate_minicanvas(
         seeds: a count (UnlearnCanvas's seeds first) or the seeds themselves.
         steps: denoising steps (MiniCanvas default 25).
         guidance: guidance scale (MiniCanvas default 5.0).
+        scheduler: a diffusers scheduler class name to sample with (default: the model's own).
         batch_size: images per pipeline call (runtime only).
         classifier: the two-head classifier; the built-in MiniCanvas one when ``None``.
         objects: restrict the grid to these objects (default: all of the classifier's).
@@ -122,13 +124,15 @@ def evaluate_minicanvas(
     if with_generality:
         jobs += generality_jobs(target, target_type, stys if target_type == "object" else objs, seed_values)
     sampling = Sampling(
-        steps=steps or DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE if guidance is None else guidance
+        steps=steps or DEFAULT_STEPS,
+        guidance=DEFAULT_GUIDANCE if guidance is None else guidance,
+        scheduler=scheduler,
     )
     config = {
         "protocol": "minicanvas", "target": target, "target_type": target_type, "objects": objs, "styles": stys,
         "seeds": seed_values, "generality": with_generality, "classifier": classifier.source,
         "patches": [p.fingerprint() for p in patches], "merge": merge, "model": model.source,
-        "steps": sampling.steps, "guidance": sampling.guidance,
+        "steps": sampling.steps, "guidance": sampling.guidance, "scheduler": scheduler,
     }  # fmt: skip
 
     def score(entries: list[dict[str, Any]], patch: Any) -> dict[str, Any]:

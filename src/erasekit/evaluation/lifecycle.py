@@ -16,7 +16,7 @@ from typing import Any
 
 from erasekit.errors import ErasekitError
 from erasekit.evaluation import record as rec
-from erasekit.evaluation.runner import Job, Sampling, _barrier, generate, scheduler_info, shard
+from erasekit.evaluation.runner import Job, Sampling, barrier, generate, scheduler_info, shard
 
 # score(entries, patch) -> metrics; entries are the manifest entries in job order.
 Scorer = Callable[[list[dict[str, Any]], Any], dict[str, Any]]
@@ -68,14 +68,14 @@ def run_protocol(
         raise ErasekitError("the protocol produced no images to generate")
     rank, world = shard()
     rec.check_run(out, config, overwrite)  # every rank, so all of them stop with the same clear error
-    _barrier(world)
+    barrier(world)
     if rank == 0:
         rec.prepare_run(out, config, overwrite)
-    _barrier(world)
+    barrier(world)
     start = time.perf_counter()
     base_sha = rec.model_fingerprint(model.components)
     patch = combined_patch(patches, merge)
-    before = {e["key"] for e in rec_manifest(out)}
+    before = _done_keys(out)
     gen_start = time.perf_counter()
     with patch.applied(model) if patch is not None else contextlib.nullcontext():
         entries = generate(pipeline, jobs, out, sampling, batch_size=batch_size)
@@ -114,10 +114,10 @@ def run_protocol(
     return metrics
 
 
-def rec_manifest(out: str | Path) -> list[dict[str, Any]]:
+def _done_keys(out: str | Path) -> set[str]:
     from erasekit.evaluation.runner import read_manifest
 
-    return read_manifest(out) if Path(out).is_dir() else []
+    return {e["key"] for e in read_manifest(out)} if Path(out).is_dir() else set()
 
 
 def load_images(out: str | Path, entries: Sequence[dict[str, Any]]) -> list[Any]:

@@ -64,6 +64,7 @@ def evaluate_prompts(
     seeds: int | Sequence[int] = 1,
     steps: int = 50,
     guidance: float = 7.5,
+    scheduler: str | None = None,
     height: int | None = None,
     width: int | None = None,
     limit: int | None = None,
@@ -91,12 +92,12 @@ def evaluate_prompts(
     records = load_prompts(prompts, fmt, limit)
     seed_values = seed_list(seeds)
     jobs = prompt_jobs(records, seed_values)
-    sampling = Sampling(steps=steps, guidance=guidance, height=height, width=width)
+    sampling = Sampling(steps=steps, guidance=guidance, height=height, width=width, scheduler=scheduler)
     config = {
         "protocol": protocol, "prompts": str(prompts), "format": fmt, "limit": limit, "detector": detector,
         "preset": preset if detector == "nudenet" else None, "target": target, "seeds": seed_values,
         "patches": [p.fingerprint() for p in patches], "merge": merge, "model": model.source,
-        "steps": steps, "guidance": guidance, "height": height, "width": width,
+        "steps": steps, "guidance": guidance, "height": height, "width": width, "scheduler": scheduler,
     }  # fmt: skip
 
     def score(entries: list[dict[str, Any]], patch: Any) -> dict[str, Any]:
@@ -160,6 +161,7 @@ def evaluate_coco(
     seeds: int | Sequence[int] = 1,
     steps: int = 50,
     guidance: float = 7.5,
+    scheduler: str | None = None,
     height: int | None = None,
     width: int | None = None,
     limit: int | None = None,
@@ -179,12 +181,12 @@ def evaluate_coco(
     records = load_prompts(prompts, fmt, limit)
     seed_values = seed_list(seeds)
     jobs = prompt_jobs(records, seed_values)
-    sampling = Sampling(steps=steps, guidance=guidance, height=height, width=width)
+    sampling = Sampling(steps=steps, guidance=guidance, height=height, width=width, scheduler=scheduler)
     config = {
         "protocol": "coco", "prompts": str(prompts), "format": fmt, "limit": limit, "clip": str(clip) if clip else None,
         "fid_reference": str(fid_reference) if fid_reference else None, "fid_features": fid_features,
         "seeds": seed_values, "patches": [p.fingerprint() for p in patches], "merge": merge, "model": model.source,
-        "steps": steps, "guidance": guidance, "height": height, "width": width,
+        "steps": steps, "guidance": guidance, "height": height, "width": width, "scheduler": scheduler,
     }  # fmt: skip
 
     def score(entries: list[dict[str, Any]], patch: Any) -> dict[str, Any]:

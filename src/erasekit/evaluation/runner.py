@@ -16,10 +16,10 @@ parts into ``manifest.jsonl`` in job order, exactly as a single process would wr
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -128,10 +128,10 @@ def generate(
     mine = [j for j in jobs[rank::world] if j.key not in done]
     with _scheduler(pipeline, sampling.scheduler):
         _run_batches(pipeline, mine, out, sampling, batch_size, out / f"manifest.part-{rank}.jsonl")
-    _barrier(world)
+    barrier(world)
     if rank == 0:
         merge_manifests(out, keys)
-    _barrier(world)
+    barrier(world)
     by_key = {e["key"]: e for e in read_manifest(out)}
     return [by_key[k] for k in keys]
 
@@ -189,26 +189,23 @@ def _entry(job: Job, sampling: Sampling) -> dict[str, Any]:
     return entry
 
 
-class _scheduler:
-    """Swap in a scheduler class for the run and put the model's own back afterwards."""
+@contextlib.contextmanager
+def _scheduler(pipeline: Any, name: str | None) -> Iterator[None]:
+    """Swap in the scheduler class ``name`` (built from the model's scheduler config); put the model's back after."""
+    if name is None:
+        yield
+        return
+    import diffusers
 
-    def __init__(self, pipeline: Any, name: str | None) -> None:
-        self.pipeline, self.name, self.saved = pipeline, name, None
-
-    def __enter__(self) -> None:
-        if self.name is None:
-            return
-        import diffusers
-
-        cls = getattr(diffusers, self.name, None)
-        if cls is None or not hasattr(cls, "from_config"):
-            raise ErasekitError(f"diffusers has no scheduler class {self.name!r}")
-        self.saved = self.pipeline.scheduler
-        self.pipeline.scheduler = cls.from_config(self.saved.config)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.saved is not None:
-            self.pipeline.scheduler = self.saved
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ErasekitError(f"diffusers has no scheduler class {name!r}")
+    saved = pipeline.scheduler
+    pipeline.scheduler = cls.from_config(saved.config)
+    try:
+        yield
+    finally:
+        pipeline.scheduler = saved
 
 
 def scheduler_info(pipeline: Any, name: str | None) -> dict[str, Any]:
@@ -264,15 +261,9 @@ def _append_lines(file: Path, entries: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-def _barrier(world: int) -> None:
+def barrier(world: int) -> None:
+    """Wait for every rank (a no-op for a single process)."""
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
-
-
-def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    """``(fn(*args, **kwargs), wall seconds)``."""
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start

@@ -168,5 +168,7 @@ def drop_unchanged(patch: Patch, model: Any) -> Patch:
 
     keep = [k for k in patch.tensors if not same(k)]
     return dataclasses.replace(
-        patch, tensors={k: patch.tensors[k] for k in keep}, fingerprints={k: patch.fingerprints[k] for k in keep}
+        patch,
+        tensors={k: patch.tensors[k] for k in keep},
+        fingerprints={k: patch.fingerprints[k] for k in keep},
     )

@@ -35,7 +35,9 @@ from erasekit.registry import register
 class EveryBlockConfig(HirmConfig):
     """HiRM's config, plus a switch that trains every block of the encoder whatever its depth."""
 
-    every_block: bool = field(default=True, metadata={"help": "train every block (replaces blocks at erase time)"})
+    every_block: bool = field(
+        default=True, metadata={"help": "train every block (replaces blocks at erase time)"}
+    )
 
 
 def _presets(**fields: Any) -> dict[str, dict[str, Any]]:
@@ -57,7 +59,9 @@ def erase_all(model: Any, concepts: Sequence[str], config: EveryBlockConfig) -> 
     if config.every_block:
         depths = {num_blocks(enc) for _, enc, _ in model.clip_encoders()}
         if len(depths) != 1:
-            raise ErasekitError(f"every_block needs text encoders of one depth, got {sorted(depths)}; pass blocks instead")
+            raise ErasekitError(
+                f"every_block needs text encoders of one depth, got {sorted(depths)}; pass blocks instead"
+            )
         config = dataclasses.replace(config, blocks=tuple(range(depths.pop())))
     return drop_unchanged(erase_hirm(model, concepts, config, "hirm-ablate-all"), model)
 

@@ -54,11 +54,15 @@ RETAIN_OBJECTS = (
 class AdvUnlearnConfig:
     """AdvUnlearn's settings; defaults are the authors' (1000 iterations, lr 1e-5, γ = 0.3, PGD 30 × 1e-3)."""
 
-    trainable: str = field(default="full", metadata={"help": f"text-encoder tensors to train: {', '.join(TRAINABLE)}"})
+    trainable: str = field(
+        default="full", metadata={"help": f"text-encoder tensors to train: {', '.join(TRAINABLE)}"}
+    )
     iterations: int = field(default=1000, metadata={"help": "training iterations"})
     lr: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
     retain_weight: float = field(default=0.3, metadata={"help": "γ, weight of the retain loss"})
-    retain: tuple[str, ...] = field(default=RETAIN_OBJECTS, metadata={"help": "objects of the retain prompts"})
+    retain: tuple[str, ...] = field(
+        default=RETAIN_OBJECTS, metadata={"help": "objects of the retain prompts"}
+    )
     retain_template: str = field(default="a photo of {}", metadata={"help": "retain prompt template"})
     retain_batch: int = field(default=5, metadata={"help": "retain prompts per iteration"})
     negative_guidance: float = field(default=1.0, metadata={"help": "η of the ESD target"})
@@ -67,11 +71,15 @@ class AdvUnlearnConfig:
     attack_lr: float = field(default=1e-3, metadata={"help": "PGD step size (signed gradient)"})
     ddim_steps: int = field(default=50, metadata={"help": "length of the DDIM schedule x_t is sampled along"})
     start_guidance: float = field(default=3.0, metadata={"help": "CFG scale of the frozen partial sampling"})
-    seed: int = field(default=0, metadata={"help": "seed of noise, stopping steps, retain picks and δ's init"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of noise, stopping steps, retain picks and δ's init"}
+    )
 
     def __post_init__(self) -> None:
         check_choice("trainable", self.trainable, TRAINABLE)
-        check_positive(iterations=self.iterations, lr=self.lr, ddim_steps=self.ddim_steps, attack_lr=self.attack_lr)
+        check_positive(
+            iterations=self.iterations, lr=self.lr, ddim_steps=self.ddim_steps, attack_lr=self.attack_lr
+        )
         check_positive(attack_tokens=self.attack_tokens, retain_batch=self.retain_batch)
         if self.retain_weight < 0 or self.attack_steps < 0 or self.negative_guidance < 0:
             raise ValueError("retain_weight, attack_steps and negative_guidance must be >= 0")
@@ -89,7 +97,15 @@ def trainable_names(encoder: torch.nn.Module, trainable: str) -> list[str]:
     return block_params(encoder, list(blocks))
 
 
-def attack(pipe: Any, prompt: str, delta: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, want: torch.Tensor, config: AdvUnlearnConfig) -> torch.Tensor:
+def attack(
+    pipe: Any,
+    prompt: str,
+    delta: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    want: torch.Tensor,
+    config: AdvUnlearnConfig,
+) -> torch.Tensor:
     """PGD on the prefix ``delta`` ``[k, D]``: minimise ‖ε(x_t, E_θ(δ ⊕ c)) − ε*(x_t, c)‖²; returns the new δ."""
     delta = delta.detach().clone()
     for _ in range(config.attack_steps):
@@ -102,7 +118,9 @@ def attack(pipe: Any, prompt: str, delta: torch.Tensor, x_t: torch.Tensor, t: to
     return delta
 
 
-def train(pipe: Any, concepts: list[str], config: AdvUnlearnConfig, params: dict[str, torch.Tensor]) -> list[float]:
+def train(
+    pipe: Any, concepts: list[str], config: AdvUnlearnConfig, params: dict[str, torch.Tensor]
+) -> list[float]:
     """Adversarial unlearning of the (live, trainable) text-encoder ``params``; returns each iteration's loss."""
     g, unet, enc = generator(config.seed), pipe.unet, pipe.text_encoder
     retain = [config.retain_template.format(o) for o in config.retain]
@@ -116,7 +134,9 @@ def train(pipe: Any, concepts: list[str], config: AdvUnlearnConfig, params: dict
         k = i % len(concepts)
         c = conds[k : k + 1]
         stop = int(torch.randint(0, config.ddim_steps, (), generator=g))
-        x_t, t = sample_until(pipe, c, null, steps=config.ddim_steps, stop=stop, guidance=config.start_guidance, generator=g)
+        x_t, t = sample_until(
+            pipe, c, null, steps=config.ddim_steps, stop=stop, guidance=config.start_guidance, generator=g
+        )
         with torch.no_grad():
             e_c, e_0 = predict_noise(unet, x_t.expand(2, -1, -1, -1), t, torch.cat([c, null])).chunk(2)
         delta = attack(pipe, concepts[k], delta, x_t, t, e_c, config)
@@ -132,7 +152,15 @@ def train(pipe: Any, concepts: list[str], config: AdvUnlearnConfig, params: dict
     return losses
 
 
-def retain_loss(pipe: Any, prompts: list[str], frozen_emb: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, config: AdvUnlearnConfig, g: torch.Generator) -> torch.Tensor:
+def retain_loss(
+    pipe: Any,
+    prompts: list[str],
+    frozen_emb: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    config: AdvUnlearnConfig,
+    g: torch.Generator,
+) -> torch.Tensor:
     """‖ε(x_t, E_θ(r)) − ε(x_t, E*(r))‖² over ``retain_batch`` prompts drawn with ``g`` (``frozen_emb`` ``[R, 77, D]``)."""
     pick = torch.randperm(len(prompts), generator=g)[: config.retain_batch]
     emb = encode_prompts(pipe, [prompts[j] for j in pick])
@@ -155,6 +183,10 @@ def erase_advunlearn(model: Any, concepts: list[str], config: AdvUnlearnConfig) 
 register(
     "advunlearn",
     AdvUnlearnConfig,
-    presets={"paper": {"trainable": "full"}, "all-blocks": {"trainable": "all-blocks"}, "block0": {"trainable": "block-0"}},
+    presets={
+        "paper": {"trainable": "full"},
+        "all-blocks": {"trainable": "all-blocks"},
+        "block0": {"trainable": "block-0"},
+    },
     summary="AdvUnlearn: adversarial (PGD prefix) ESD training of the text encoder with a retain loss",
 )(erase_advunlearn)

@@ -51,7 +51,9 @@ TEMPLATES = (
 class FewShotTEConfig:
     """Settings of few-shot unlearning; defaults are the authors' (4 images, Adam 1e-5, 5 epochs)."""
 
-    images: str = field(default="minicanvas", metadata={"help": "'minicanvas' (ground-truth renders) or a folder"})
+    images: str = field(
+        default="minicanvas", metadata={"help": "'minicanvas' (ground-truth renders) or a folder"}
+    )
     n_images: int = field(default=4, metadata={"help": "real images of each concept"})
     epochs: int = field(default=5, metadata={"help": "passes over the images (one step per image)"})
     lr: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
@@ -107,21 +109,29 @@ def encode_images(pipe: Any, images: Sequence[np.ndarray]) -> torch.Tensor:
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     arrays = [np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images]
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [n, 3, H, W] in [-1, 1]
+    x = (
+        torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    )  # [n, 3, H, W] in [-1, 1]
     x = x.to(pipe.vae.device, pipe.vae.dtype)
     return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
-def train(pipe: Any, data: list[tuple[str, torch.Tensor]], config: FewShotTEConfig, params: dict[str, torch.Tensor]) -> list[float]:
+def train(
+    pipe: Any, data: list[tuple[str, torch.Tensor]], config: FewShotTEConfig, params: dict[str, torch.Tensor]
+) -> list[float]:
     """Gradient ascent over ``(concept, latents [n, C, h, w])`` pairs; returns each step's (positive) TI loss."""
     g, losses = generator(config.seed), []
     opt = torch.optim.Adam(params.values(), lr=config.lr)
-    steps = [(c, lat[j : j + 1]) for _ in range(config.epochs) for c, lat in data for j in range(lat.shape[0])]
+    steps = [
+        (c, lat[j : j + 1]) for _ in range(config.epochs) for c, lat in data for j in range(lat.shape[0])
+    ]
     for concept, x0 in track(steps, desc="fewshot-te", total=len(steps)):
         template = config.templates[int(torch.randint(len(config.templates), (), generator=g))]
-        x_t, noise, t = noised(pipe, x0, g)
-        pred = pipe.unet(x_t, t, encoder_hidden_states=encode_prompts(pipe, [template.format(concept)])).sample
-        loss = F.mse_loss(pred, noise)
+        x_t, target, t = noised(pipe, x0, g)
+        pred = pipe.unet(
+            x_t, t, encoder_hidden_states=encode_prompts(pipe, [template.format(concept)])
+        ).sample
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         (-loss).backward()
         opt.step()
@@ -129,7 +139,9 @@ def train(pipe: Any, data: list[tuple[str, torch.Tensor]], config: FewShotTEConf
     return losses
 
 
-def erase_fewshot_te(model: Any, concepts: list[str], config: FewShotTEConfig, images: ImageSource | None = None) -> Patch:
+def erase_fewshot_te(
+    model: Any, concepts: list[str], config: FewShotTEConfig, images: ImageSource | None = None
+) -> Patch:
     """Few-shot unlearning: ascend the textual-inversion loss of a few real images in the text encoder.
 
     Args:
@@ -140,11 +152,16 @@ def erase_fewshot_te(model: Any, concepts: list[str], config: FewShotTEConfig, i
         images = minicanvas_images
     elif images is None:
         images = lambda concept, n, seed: folder_images(config.images, concept, n)  # noqa: E731
-    data = [(c, encode_images(pipe, images(c, config.n_images, config.seed + i))) for i, c in enumerate(concepts)]
-    with frozen(pipe.unet, pipe.vae), trained_in_place(pipe.text_encoder, trainable_names(pipe.text_encoder)) as params:
+    data = [
+        (c, encode_images(pipe, images(c, config.n_images, config.seed + i))) for i, c in enumerate(concepts)
+    ]
+    with (
+        frozen(pipe.unet, pipe.vae),
+        trained_in_place(pipe.text_encoder, trainable_names(pipe.text_encoder)) as params,
+    ):
         train(pipe, data, config, params)
         new = {n: p.detach().clone() for n, p in params.items()}
-    return patch_from_values(model, "text_encoder", new)
+    return patch_from_values(model, "text_encoder", new, method="fewshot-te", concepts=tuple(concepts))
 
 
 register(

@@ -182,7 +182,7 @@ def _load_component(
     path: Path, name: str, index: dict[str, Any] | None, dtype: torch.dtype, allow_pickle: bool
 ) -> Any:
     library, class_name = (index or {}).get(name) or _DEFAULT_CLASSES[name]
-    cls = getattr(importlib.import_module(library), class_name, None)
+    cls = getattr(_library_module(library), class_name, None)
     if cls is None:
         raise ErasekitError(f"{path}: {library} has no class {class_name} for {name}")
     kwargs: dict[str, Any] = {}
@@ -204,6 +204,17 @@ def _refuse_pickle_only(folder: Path) -> None:
             f"{folder} holds only pickled weights ({pickles[0]}), which can run code when loaded; "
             f"convert them to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust the source"
         )
+
+
+def _library_module(library: str) -> Any:
+    """The module a ``model_index.json`` entry names: a package, or a diffusers pipeline subpackage."""
+    try:
+        return importlib.import_module(library)
+    except ImportError:
+        try:
+            return importlib.import_module(f"diffusers.pipelines.{library}")
+        except ImportError:
+            raise ErasekitError(f"model_index.json names an unknown library {library!r}") from None
 
 
 def _first_line(e: BaseException) -> str:

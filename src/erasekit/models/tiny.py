@@ -48,6 +48,13 @@ def _tok(pad: str) -> tuple[str, str, Config]:
     return ("transformers", "CLIPTokenizer", lambda size: {"pad_token": pad})
 
 
+_DENOISERS = {
+    "sd15": "UNet2DConditionModel",
+    "sd2": "UNet2DConditionModel",
+    "sdxl": "UNet2DConditionModel",
+    "sd3": "SD3Transformer2DModel",
+    "flux": "FluxTransformer2DModel",
+}
 _T5 = ("transformers", "T5EncoderModel", lambda size: T5_CONFIGS[size])
 _T5_TOK = ("transformers", "T5Tokenizer", lambda size: {})
 
@@ -59,11 +66,8 @@ def _family_table(family: str) -> dict[str, tuple[str, str, Config]]:
         "vae": ("diffusers", "AutoencoderKL", lambda size: vae_config(family, size)),
         "scheduler": ("diffusers", sched[0], lambda size: sched[1]),
     }
-    if family in UNET_CONFIGS:
-        unet = {"unet": ("diffusers", "UNet2DConditionModel", lambda size: UNET_CONFIGS[family][size])}
-    else:
-        cls = "SD3Transformer2DModel" if family == "sd3" else "FluxTransformer2DModel"
-        unet = {"transformer": ("diffusers", cls, lambda size: TRANSFORMER_CONFIGS[family][size])}
+    configs = {**UNET_CONFIGS, **TRANSFORMER_CONFIGS}[family]
+    denoiser = {get_family(family).denoiser: ("diffusers", _DENOISERS[family], lambda size: configs[size])}
     eos, bang = "<|endoftext|>", "!"  # SD1's CLIP pads with end-of-text, OpenCLIP with "!" (id 0)
     text = {
         "sd15": {"text_encoder": _enc("CLIPTextModel", "clip-l"), "tokenizer": _tok(eos)},
@@ -89,7 +93,7 @@ def _family_table(family: str) -> dict[str, tuple[str, str, Config]]:
             "tokenizer_2": _T5_TOK,
         },
     }[family]
-    return {**text, **unet, **common}
+    return {**text, **denoiser, **common}
 
 
 def component_names(family: str) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from erasekit.errors import ErasekitError
 from erasekit.methods.hirm.config import HirmConfig, HirmSConfig, presets
@@ -19,10 +20,15 @@ from erasekit.methods.hirm.train import TrainResult, trained
 from erasekit.patch import Patch
 from erasekit.registry import register
 
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
+
 __all__ = ["HirmConfig", "HirmSConfig", "TrainResult", "erase_hirm", "trained"]
 
 
-def erase_hirm(model: object, concepts: Sequence[str], config: HirmConfig, method: str = "hirm") -> Patch:
+def erase_hirm(
+    model: LoadedModel, concepts: Sequence[str], config: HirmConfig, method: str = "hirm"
+) -> Patch:
     """Train every CLIP encoder of ``model`` and return one patch of the trained tensors.
 
     Args:
@@ -39,7 +45,7 @@ def erase_hirm(model: object, concepts: Sequence[str], config: HirmConfig, metho
     return _erase_joint(model, concepts, config, method)
 
 
-def _erase_joint(model: object, concepts: Sequence[str], config: HirmConfig, method: str) -> Patch:
+def _erase_joint(model: LoadedModel, concepts: Sequence[str], config: HirmConfig, method: str) -> Patch:
     encoders = model.clip_encoders()
     components, names, base = {}, {}, {}
     with contextlib.ExitStack() as stack:
@@ -63,7 +69,7 @@ def _check_target(config: HirmConfig, method: str, target: str) -> None:
     default_preset="default",
     summary="HiRM-R: train CLIP block 0 so the concept's last-block representation hits a random vector",
 )
-def erase_hirm_r(model: object, concepts: Sequence[str], config: HirmConfig) -> Patch:
+def erase_hirm_r(model: LoadedModel, concepts: Sequence[str], config: HirmConfig) -> Patch:
     """HiRM-R: misdirect toward ``c * U / ||U||``, ``U`` uniform random (seeded, CPU)."""
     _check_target(config, "hirm-r", "random")
     return erase_hirm(model, concepts, config, "hirm-r")
@@ -76,7 +82,7 @@ def erase_hirm_r(model: object, concepts: Sequence[str], config: HirmConfig) -> 
     default_preset="default",
     summary="HiRM-S: train CLIP block 0 so the concept's last-block representation becomes a super-category's",
 )
-def erase_hirm_s(model: object, concepts: Sequence[str], config: HirmConfig) -> Patch:
+def erase_hirm_s(model: LoadedModel, concepts: Sequence[str], config: HirmConfig) -> Patch:
     """HiRM-S: misdirect toward ``c * rep(anchor)``; nudity: safe misdirection against a nudity vector."""
     _check_target(config, "hirm-s", "semantic")
     return erase_hirm(model, concepts, config, "hirm-s")

@@ -43,12 +43,14 @@ def trainable_modules(encoder: torch.nn.Module, config: HirmConfig) -> list[str]
 
 
 def trainable_names(encoder: torch.nn.Module, config: HirmConfig) -> list[str]:
-    """Qualified parameter names (weights and biases) of :func:`trainable_modules`, in that order."""
-    return [
+    """Qualified parameter names (weights and biases) of :func:`trainable_modules`, in that order, once each
+    (``blocks=(0, -12)`` names one block twice in a 12-block encoder)."""
+    names = [
         f"{module}.{name}"
         for module in trainable_modules(encoder, config)
         for name, _ in encoder.get_submodule(module).named_parameters(recurse=False)
     ]
+    return list(dict.fromkeys(names))
 
 
 @contextlib.contextmanager

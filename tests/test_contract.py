@@ -1,0 +1,107 @@
+"""The same contract for every registered method, on a tiny seeded SD1.x pipeline.
+
+Each method is run with a tiny budget (``QUICK``); a method added to the registry without an entry here fails
+``test_every_method_has_a_contract_entry``, so nothing escapes the matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+import erasekit
+from erasekit.patch import Patch
+from erasekit.registry import config_from_dict, config_to_dict, list_methods
+
+TE_BLOCK0 = r"text_encoder/encoder\.layers\.0\.(self_attn|mlp)\."
+UNET_ATTN2 = r"unet/.*\.attn2\."
+UNET_KV = r"unet/.*\.attn2\.to_[kv]\."
+DIFFUSION = {"iterations": 2, "ddim_steps": 4}
+# method: (tiny-budget overrides, regex every changed tensor must match)
+QUICK: dict[str, tuple[dict, str]] = {
+    "hirm-r": ({"steps": 2}, TE_BLOCK0),
+    "hirm-s": ({"steps": 2}, TE_BLOCK0),
+    "hirm-ablate-block0": ({"steps": 2}, TE_BLOCK0),
+    "hirm-ablate-all": ({"steps": 2}, r"text_encoder/encoder\.layers\.\d+\.(self_attn|mlp)\."),
+    "hirm-ablate-last": ({"steps": 2}, r"text_encoder/encoder\.layers\.2\.(self_attn|mlp)\."),
+    "esd-x": (DIFFUSION, UNET_ATTN2),
+    "esd-u": (DIFFUSION, r"unet/(?!.*\.attn2\.)"),
+    "uce": ({}, UNET_KV),
+    "rece": ({}, UNET_KV),
+    "speed": ({}, r"unet/.*\.attn2\.to_v\."),
+    "mace-cfr": ({}, UNET_KV),
+    "advunlearn": ({**DIFFUSION, "attack_steps": 2, "retain_batch": 1}, r"text_encoder/"),
+    "fewshot-te": ({"epochs": 1, "n_images": 2}, r"text_encoder/encoder\.layers\.\d+\.(mlp|self_attn)\."),
+}
+METHODS = list_methods()
+
+
+def test_every_method_has_a_contract_entry():
+    assert sorted(QUICK) == METHODS
+
+
+@pytest.fixture(scope="module")
+def model(tiny_sd15_dir):
+    return erasekit.load(tiny_sd15_dir)
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {
+        f"{comp}/{name}": t.detach().clone()
+        for comp in ("text_encoder", "unet")
+        for name, t in model.components[comp].state_dict().items()
+    }
+
+
+def run(model, method: str) -> Patch:
+    overrides, _ = QUICK[method]
+    return erasekit.erase(model, ["fish"], method=method, concept_type="object", **overrides)
+
+
+@pytest.fixture(scope="module")
+def results(model):
+    """Per method: (state before, patch, state after erase, second patch) — computed lazily, once."""
+    cache: dict[str, tuple] = {}
+
+    def get(method: str) -> tuple:
+        if method not in cache:
+            before = state(model)
+            first = run(model, method)
+            after = state(model)
+            cache[method] = (before, first, after, run(model, method))
+        return cache[method]
+
+    return get
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_contract(method, model, results, tmp_path):
+    before, patch, after, again = results(method)
+    # erasing leaves the loaded model as it was
+    assert all(torch.equal(before[k], after[k]) for k in before), "erase() modified the model"
+    # only the intended tensors change, and the patch holds only tensors that changed
+    pattern = re.compile(QUICK[method][1])
+    assert patch.tensors, "the patch is empty"
+    for key, value in patch.tensors.items():
+        assert pattern.match(key), f"{method} changed an unintended tensor {key}"
+        assert key in before and value.shape == before[key].shape
+    assert any(not torch.equal(v, before[k]) for k, v in patch.tensors.items()), "the patch changes nothing"
+    # a fixed seed gives the same patch
+    assert set(again.tensors) == set(patch.tensors)
+    assert all(torch.equal(again.tensors[k], patch.tensors[k]) for k in patch.tensors)
+    # the config round-trips through JSON and is recorded in the patch
+    cfg = config_from_dict(method, json.loads(json.dumps(patch.config)))
+    assert config_to_dict(cfg) == patch.config and patch.erase_seconds is not None
+    # save/load gives equal tensors
+    loaded = Patch.load(patch.save(tmp_path / "p"))
+    assert all(torch.equal(loaded.tensors[k], patch.tensors[k]) for k in patch.tensors)
+    # apply then remove restores everything exactly
+    handle = loaded.apply_(model)
+    applied = state(model)
+    assert all(torch.equal(applied[k], patch.tensors[k].to(applied[k].dtype)) for k in patch.tensors)
+    handle.remove()
+    restored = state(model)
+    assert all(torch.equal(before[k], restored[k]) for k in before)
