@@ -40,9 +40,31 @@ CASES = [(m, None) for m in FAST] + [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two threads run many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_sd15_dir):
     return erasekit.load(tiny_sd15_dir)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    """``loaded(family)``: a tiny pipeline of another family, loaded once per module (methods never modify it)."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = erasekit.load(tiny_model_dir(family))
+        return cache[family]
+
+    return get
 
 
 def gradient_image_source(concept: str, n: int, seed: int) -> list[np.ndarray]:
@@ -144,8 +166,8 @@ def test_contract(model, tmp_path, method, preset):
 
 
 @pytest.mark.parametrize(("family", "width"), [("sd2", 32), ("sdxl", 32 + 48)])
-def test_uce_on_other_families_reads_their_own_conditioning(tiny_model_dir, family, width):
-    model = erasekit.load(tiny_model_dir(family))  # SDXL: both encoders' states concatenated
+def test_uce_on_other_families_reads_their_own_conditioning(loaded, family, width):
+    model = loaded(family)  # SDXL: both encoders' states concatenated
     patch = erasekit.erase(model, ["Van Gogh"], "uce", concept_type="style")
     assert model.components["unet"].config.cross_attention_dim == width
     w0 = kv_weights(model)
@@ -156,8 +178,8 @@ def test_uce_on_other_families_reads_their_own_conditioning(tiny_model_dir, fami
         assert rel(c_e @ w.T, c_g @ w0[name].T) < 0.05
 
 
-def test_speed_runs_on_sdxl(tiny_sdxl_dir):
-    model = erasekit.load(tiny_sdxl_dir)
+def test_speed_runs_on_sdxl(loaded):
+    model = loaded("sdxl")
     patch = erasekit.erase(model, ["Van Gogh"], "speed", concept_type="style", retain=("a dog",))
     assert patch.tensors and all(k.endswith("attn2.to_v.weight") for k in patch.tensors)
     assert all(t.shape[1] == 80 for t in patch.tensors.values())
@@ -417,9 +439,43 @@ def test_bad_configs_are_one_line_errors():
             make_config(method, **bad)
 
 
-def test_sdxl_is_refused_by_unet_training_methods(tiny_sdxl_dir):
+def test_sdxl_is_refused_by_unet_training_methods(loaded):
     from erasekit.errors import ErasekitError
 
-    model = erasekit.load(tiny_sdxl_dir)
+    model = loaded("sdxl")
     with pytest.raises(ErasekitError, match="supports sd15, sd2"):
         erasekit.erase(model, ["circle"], "esd-x", iterations=1)
+
+
+def test_fewshot_ascent_raises_the_textual_inversion_loss_of_its_images(model):
+    import torch.nn.functional as F
+
+    from erasekit.methods.fewshot_te import encode_images, erase_fewshot_te
+    from erasekit.sampling import encode_prompts, noised
+
+    pipe = model.pipeline
+    config = make_config("fewshot-te", epochs=6, n_images=2, lr=1e-2, templates=("a photo of a {}",))
+    patch = erase_fewshot_te(model, ["circle"], config, images=gradient_image_source)
+    # 64 fixed draws: text barely steers a random tiny UNet, so the loss must be averaged over many
+    x0 = encode_images(pipe, gradient_image_source("circle", 2, config.seed)).repeat(32, 1, 1, 1)
+    x_t, target, t = noised(pipe, x0, torch.Generator().manual_seed(5))
+
+    @torch.no_grad()
+    def ti_loss() -> float:
+        emb = encode_prompts(pipe, ["a photo of a circle"] * x0.shape[0])
+        return F.mse_loss(pipe.unet(x_t, t, encoder_hidden_states=emb).sample, target).item()
+
+    before = ti_loss()
+    with patch.applied(model):
+        after = ti_loss()
+    assert after > before and ti_loss() == before
+
+
+def test_every_block_ablation_refuses_encoders_of_different_depths(tiny_sdxl_te_dir):
+    from erasekit.errors import ErasekitError
+
+    model = erasekit.load(tiny_sdxl_te_dir)
+    with pytest.raises(ErasekitError, match="one depth"):
+        erasekit.erase(model, ["circle"], "hirm-ablate-all", steps=1)
+    patch = erasekit.erase(model, ["circle"], "hirm-ablate-last", steps=1)  # -1 resolves per encoder
+    assert {k.split("/")[0] for k in patch.tensors} == {"text_encoder", "text_encoder_2"}

@@ -139,7 +139,9 @@ def sample_until(
     return latents, scheduler.timesteps[stop]
 
 
-def noised(pipe: Any, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def noised(
+    pipe: Any, x0: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward-diffuse clean latents at one random training timestep (the textual-inversion setting).
 
     Args:

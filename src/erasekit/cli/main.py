@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "erasekit.cli.erase",
     "erasekit.cli.patching",
     "erasekit.cli.generate",
+    "erasekit.cli.demo",
     "erasekit.cli.minicanvas",
     "erasekit.cli.evaluate",
 )

@@ -18,10 +18,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, help="output folder (pipeline/, classifier, training.json)")
     train.add_argument("--seed", type=int, default=0, help="seeds every random number generator")
     train.add_argument("--quick", action="store_true", help="tiny networks and steps: seconds, for tests")
-    train.add_argument("--eval-seeds", type=int, default=2, help="seeds per cell for the final check (0: skip)")
+    train.add_argument(
+        "--eval-seeds", type=int, default=2, help="seeds per cell for the final check (0: skip)"
+    )
     train.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     train.set_defaults(func=run_train)
+    check = mc.add_parser("check", help="measure the shipped model's quality bars (classifier, base grid)")
+    check.add_argument("--seeds", type=int, default=2, help="seeds per grid cell")
+    check.add_argument("--steps", type=int, default=None, help="sampling steps (default: the documented one)")
+    check.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the documented one)")
+    check.add_argument("--heldout-per-cell", type=int, default=10, help="fresh renders per cell (seed 12345)")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(func=run_check)
     p.set_defaults(func=lambda _: p.print_help() or 2)
 
 
@@ -61,4 +70,40 @@ def run_train(args: argparse.Namespace) -> int:
     with output_dir(args.out, overwrite=args.overwrite) as staging:
         record = train_minicanvas(staging, cfg, log=log, eval_seeds=args.eval_seeds)
     print(json.dumps({"out": args.out, "seconds": record["seconds"], "quality": record["quality"]}, indent=2))
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from erasekit.errors import ErasekitError
+    from erasekit.minicanvas import load_classifier, load_pipeline
+    from erasekit.minicanvas.data import render_set
+    from erasekit.minicanvas.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS, evaluate_grid, heldout_accuracy
+
+    if args.seeds < 1 or args.heldout_per_cell < 1:
+        raise ErasekitError("--seeds and --heldout-per-cell must be >= 1")
+    torch.set_num_threads(2)
+    steps = args.steps or DEFAULT_STEPS
+    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    classifier = load_classifier()
+    heldout = heldout_accuracy(classifier, render_set(args.heldout_per_cell, np.random.default_rng(12345)))
+    grid = evaluate_grid(load_pipeline(), classifier, seeds=args.seeds, steps=steps, guidance=guidance)
+    report = {
+        "classifier_heldout": heldout,
+        "base_grid": {"object_accuracy": grid.object_accuracy, "style_accuracy": grid.style_accuracy},
+        "images": len(grid.cells),
+        "seeds": args.seeds,
+        "steps": steps,
+        "guidance": guidance,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"classifier on held-out renders: object {heldout['object']:.1f}%, style {heldout['style']:.1f}%")
+    print(
+        f"base grid ({len(grid.cells)} images, {args.seeds} seeds/cell, {steps} steps, CFG {guidance}): "
+        f"object {grid.object_accuracy:.1f}%, style {grid.style_accuracy:.1f}%"
+    )
     return 0

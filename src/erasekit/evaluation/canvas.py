@@ -104,7 +104,8 @@ def evaluate_minicanvas(
         classifier: the two-head classifier; the built-in MiniCanvas one when ``None``.
         objects: restrict the grid to these objects (default: all of the classifier's).
         styles: restrict the grid to these styles (default: all of the classifier's, except "Photo").
-        generality: add synonym and paraphrase images of the target (MiniCanvas world only).
+        generality: add synonym and paraphrase images of the target (when the classifier's classes are
+            MiniCanvas concepts).
         fid_reference: a run directory or image folder to compute FID against (classifier features).
         overwrite: replace a finished run at ``out``.
 
@@ -119,8 +120,7 @@ def evaluate_minicanvas(
     target_type = _target_type(target, objs, stys)
     seed_values = seed_list(seeds)
     jobs = grid_jobs(objs, stys, seed_values)
-    builtin = classifier.source == "minicanvas"
-    with_generality = generality and target is not None and builtin
+    with_generality = generality and target is not None and _in_world(classifier)
     if with_generality:
         jobs += generality_jobs(target, target_type, stys if target_type == "object" else objs, seed_values)
     sampling = Sampling(
@@ -149,6 +149,15 @@ def evaluate_minicanvas(
         protocol="minicanvas", model=model, jobs=jobs, sampling=sampling, score=score, out=out, config=config,
         patches=patches, merge=merge, batch_size=batch_size, overwrite=overwrite,
     )  # fmt: skip
+
+
+def _in_world(classifier: ImageClassifier) -> bool:
+    """Whether the classifier's classes are MiniCanvas concepts (so their synonyms and paraphrases are known)."""
+    from erasekit.minicanvas.world import OBJECT_NAMES, STYLE_NAMES
+
+    return set(classifier.object_names) <= set(OBJECT_NAMES) and set(classifier.style_names) <= set(
+        STYLE_NAMES
+    )
 
 
 def _device(model: Any) -> Any:

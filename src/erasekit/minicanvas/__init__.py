@@ -109,6 +109,8 @@ def load_pipeline(device: str = "cpu") -> Any:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(weights_dir(), torch_dtype=torch.float32, use_safetensors=True)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        weights_dir(), torch_dtype=torch.float32, use_safetensors=True
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -30,8 +30,10 @@ def _seeds(seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, child in zip(names, children):
         rng = np.random.default_rng(child)
-        out[name] = rng if name.startswith("render") or name in ("clip", "plan") else torch.Generator().manual_seed(
-            int(rng.integers(2**63 - 1))
+        out[name] = (
+            rng
+            if name.startswith("render") or name in ("clip", "plan")
+            else torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
         )
     return out
 
@@ -42,7 +44,7 @@ def assemble(text_encoder: Any, tokenizer: Any, vae: Any, unet: Any) -> Any:
 
     from erasekit.minicanvas.models import sample_scheduler
 
-    return StableDiffusionPipeline(
+    pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -52,6 +54,8 @@ def assemble(text_encoder: Any, tokenizer: Any, vae: Any, unet: Any) -> Any:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _timed(times: dict[str, float], name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -61,7 +65,9 @@ def _timed(times: dict[str, float], name: str, fn: Any, *args: Any, **kwargs: An
     return out
 
 
-def train_minicanvas(out: str | Path, cfg: TrainConfig, log: Log = lambda _: None, eval_seeds: int = 2) -> dict[str, Any]:
+def train_minicanvas(
+    out: str | Path, cfg: TrainConfig, log: Log = lambda _: None, eval_seeds: int = 2
+) -> dict[str, Any]:
     """Train every MiniCanvas part from scratch and write them into ``out``.
 
     Args:
@@ -109,7 +115,11 @@ def train_minicanvas(out: str | Path, cfg: TrainConfig, log: Log = lambda _: Non
     pipe = assemble(text_encoder, tokenizer, vae, round_to_fp16_(unet))
     if eval_seeds:
         result = _timed(times, "eval", evaluate_grid, pipe, classifier, seeds=eval_seeds)
-        quality["base_grid"] = {"seeds": eval_seeds, "object": result.object_accuracy, "style": result.style_accuracy}
+        quality["base_grid"] = {
+            "seeds": eval_seeds,
+            "object": result.object_accuracy,
+            "style": result.style_accuracy,
+        }
         log(f"base generations: object {result.object_accuracy:.1f}%, style {result.style_accuracy:.1f}%")
     _save(Path(out), pipe, classifier)
     record = {"config": cfg.to_dict(), "seconds": times, "quality": quality, "train_images": len(data)}

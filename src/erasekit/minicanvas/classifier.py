@@ -68,7 +68,9 @@ class MiniCanvasClassifier(nn.Module):
             ``(object_logits [N, n_objects], style_logits [N, n_styles])``.
         """
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, 32, 32):
-            raise ErasekitError(f"the MiniCanvas classifier wants [N, 3, 32, 32] images, got {tuple(images.shape)}")
+            raise ErasekitError(
+                f"the MiniCanvas classifier wants [N, 3, 32, 32] images, got {tuple(images.shape)}"
+            )
         was_training = self.training
         self.eval()
         try:
@@ -77,7 +79,11 @@ class MiniCanvasClassifier(nn.Module):
             self.train(was_training)
 
     def config(self) -> dict[str, object]:
-        return {"width": self.width, "object_names": list(self.object_names), "style_names": list(self.style_names)}
+        return {
+            "width": self.width,
+            "object_names": list(self.object_names),
+            "style_names": list(self.style_names),
+        }
 
     def save(self, folder: str | Path) -> None:
         """Write ``classifier.safetensors`` (fp32) and ``classifier.json`` into ``folder``."""
@@ -101,7 +107,9 @@ def read_classifier(folder: str | Path, device: str | torch.device = "cpu") -> M
         raise ErasekitError(f"{folder} holds no MiniCanvas classifier ({WEIGHTS_FILE} + {CONFIG_FILE})")
     cfg = json.loads((folder / CONFIG_FILE).read_text())
     model = MiniCanvasClassifier(
-        width=int(cfg["width"]), object_names=tuple(cfg["object_names"]), style_names=tuple(cfg["style_names"])
+        width=int(cfg["width"]),
+        object_names=tuple(cfg["object_names"]),
+        style_names=tuple(cfg["style_names"]),
     )
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
     return model.to(device).eval()

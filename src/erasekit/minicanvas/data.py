@@ -46,7 +46,9 @@ def render_set(per_cell: int, rng: np.random.Generator, desc: str = "render") ->
         per_cell: images per cell; the set has ``12 * 12 * per_cell`` images.
         rng: the only source of randomness.
     """
-    cells = [(o, s) for o in range(len(OBJECT_NAMES)) for s in range(len(STYLE_NAMES)) for _ in range(per_cell)]
+    cells = [
+        (o, s) for o in range(len(OBJECT_NAMES)) for s in range(len(STYLE_NAMES)) for _ in range(per_cell)
+    ]
     images = np.stack(
         [render(OBJECT_NAMES[o], STYLE_NAMES[s], rng) for o, s in track(cells, desc=desc, total=len(cells))]
     )
@@ -54,7 +56,7 @@ def render_set(per_cell: int, rng: np.random.Generator, desc: str = "render") ->
 
 
 def sample_captions(
-    cells: torch.Tensor, rng: np.random.Generator, mix: CaptionMix = CaptionMix(), dropout: float = 0.0
+    cells: torch.Tensor, rng: np.random.Generator, mix: CaptionMix | None = None, dropout: float = 0.0
 ) -> tuple[list[str], torch.Tensor]:
     """One random caption per image.
 
@@ -73,7 +75,7 @@ def sample_captions(
             captions.append("")
             named.append((-1, -1))
             continue
-        caption, no, ns = sample_caption(o, s, rng, mix)
+        caption, no, ns = sample_caption(o, s, rng, mix or CaptionMix())
         captions.append(caption)
         named.append((no, ns))
     return captions, torch.tensor(named, dtype=torch.int64)
@@ -81,5 +83,7 @@ def sample_captions(
 
 def tokenize(tokenizer: object, captions: list[str], max_length: int = 77) -> torch.Tensor:
     """Token ids ``[B, max_length]``, padded with eos as SD1.x does."""
-    out = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    out = tokenizer(
+        captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    )
     return out.input_ids

@@ -24,13 +24,17 @@ def encode_captions(text_encoder: Any, tokenizer: Any, captions: list[str], batc
         float ``[len(captions), 77, hidden]``.
     """
     out = []
-    for i in track(range(0, len(captions), batch), desc="text states", total=math.ceil(len(captions) / batch)):
+    for i in track(
+        range(0, len(captions), batch), desc="text states", total=math.ceil(len(captions) / batch)
+    ):
         ids = tokenize(tokenizer, captions[i : i + batch])
         out.append(text_encoder(ids).last_hidden_state)
     return torch.cat(out)
 
 
-def plan_captions(cells: torch.Tensor, cfg: TrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
+def plan_captions(
+    cells: torch.Tensor, cfg: TrainConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, list[str]]:
     """Draw every UNet step's image indices and captions up front, so each distinct caption is encoded once.
 
     Args:

@@ -17,7 +17,12 @@ from erasekit.models.tokenizer import clip_vocab_and_merges
 
 BOS_ID, EOS_ID = 49406, 49407
 # SD1.x's noise schedule.
-SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,7 +19,9 @@ _SUPER = 4
 Poly = list[tuple[float, float]]
 
 
-def _ellipse(cx: float, cy: float, rx: float, ry: float, a0: float = 0.0, a1: float = 360.0, n: int = 40) -> Poly:
+def _ellipse(
+    cx: float, cy: float, rx: float, ry: float, a0: float = 0.0, a1: float = 360.0, n: int = 40
+) -> Poly:
     t = np.radians(np.linspace(a0, a1, n, endpoint=a1 - a0 < 360))
     return list(zip(cx + rx * np.cos(t), cy + ry * np.sin(t)))
 
@@ -121,7 +123,9 @@ def _shift_min(mask: np.ndarray, r: int) -> np.ndarray:
     """Grey erosion with a (2r+1)^2 square."""
     padded = np.pad(mask, r, mode="edge")
     n = mask.shape[0]
-    return np.min([padded[dy : dy + n, dx : dx + n] for dy in range(2 * r + 1) for dx in range(2 * r + 1)], axis=0)
+    return np.min(
+        [padded[dy : dy + n, dx : dx + n] for dy in range(2 * r + 1) for dx in range(2 * r + 1)], axis=0
+    )
 
 
 def _outline(mask: np.ndarray, r: int = 1) -> np.ndarray:

@@ -9,7 +9,6 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,16 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from erasekit.minicanvas.classifier import MiniCanvasClassifier
-from erasekit.minicanvas.data import RenderSet, render_set, sample_captions, tokenize
+from erasekit.minicanvas.data import RenderSet, sample_captions, tokenize
 from erasekit.minicanvas.models import (
     ImageTower,
     Sizes,
     TextHead,
     build_text_encoder,
-    build_unet,
     build_vae,
     round_to_fp16_,
-    train_scheduler,
 )
 from erasekit.minicanvas.world import caption_matches
 from erasekit.progress import track
@@ -39,19 +36,19 @@ class TrainConfig:
     """Everything that decides the trained weights (recorded in ``training.json`` and the model card)."""
 
     seed: int = field(default=0, metadata={"help": "seeds every random number generator"})
-    per_cell: int = field(default=250, metadata={"help": "training renders per (object, style) cell"})
+    per_cell: int = field(default=200, metadata={"help": "training renders per (object, style) cell"})
     heldout_per_cell: int = field(default=10, metadata={"help": "held-out renders per cell for evaluation"})
-    clip_steps: int = field(default=700, metadata={"help": "contrastive pretraining steps"})
+    clip_steps: int = field(default=500, metadata={"help": "contrastive pretraining steps"})
     clip_batch: int = field(default=256, metadata={"help": "contrastive batch size"})
     clip_lr: float = field(default=1e-3, metadata={"help": "contrastive peak learning rate"})
-    vae_steps: int = field(default=1200, metadata={"help": "VAE steps"})
-    vae_batch: int = field(default=64, metadata={"help": "VAE batch size"})
+    vae_steps: int = field(default=1000, metadata={"help": "VAE steps"})
+    vae_batch: int = field(default=48, metadata={"help": "VAE batch size"})
     vae_lr: float = field(default=2e-3, metadata={"help": "VAE peak learning rate"})
     kl_weight: float = field(default=1e-6, metadata={"help": "VAE KL weight (SD uses about 1e-6)"})
     clf_steps: int = field(default=600, metadata={"help": "classifier steps"})
     clf_batch: int = field(default=128, metadata={"help": "classifier batch size"})
     clf_lr: float = field(default=2e-3, metadata={"help": "classifier peak learning rate"})
-    unet_steps: int = field(default=3600, metadata={"help": "UNet steps"})
+    unet_steps: int = field(default=3000, metadata={"help": "UNet steps"})
     unet_batch: int = field(default=128, metadata={"help": "UNet batch size"})
     unet_lr: float = field(default=1e-3, metadata={"help": "UNet peak learning rate"})
     ema_decay: float = field(default=0.999, metadata={"help": "UNet weight EMA decay"})
@@ -108,7 +105,9 @@ def _batch(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, n, (size,), generator=gen)
 
 
-def contrastive_loss(text: torch.Tensor, image: torch.Tensor, scale: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(
+    text: torch.Tensor, image: torch.Tensor, scale: torch.Tensor, match: torch.Tensor
+) -> torch.Tensor:
     """Symmetric CLIP loss with several positives per row (captions may name one concept only).
 
     Args:
@@ -124,7 +123,9 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, scale: torch.Tenso
     return (t2i + i2t) / 2
 
 
-def train_clip(data: RenderSet, cfg: TrainConfig, tokenizer: Any, rng: np.random.Generator, log: Log) -> dict[str, Any]:
+def train_clip(
+    data: RenderSet, cfg: TrainConfig, tokenizer: Any, rng: np.random.Generator, log: Log
+) -> dict[str, Any]:
     """Contrastive pretraining of the CLIP text encoder against a small image tower.
 
     Returns:
@@ -140,7 +141,8 @@ def train_clip(data: RenderSet, cfg: TrainConfig, tokenizer: Any, rng: np.random
     for _, report in _steps(cfg.clip_steps, "clip", log):
         idx = _batch(len(data), cfg.clip_batch, gen)
         captions, named = sample_captions(data.cells[idx], rng)
-        ids = tokenize(tokenizer, captions, max_length=32)  # causal: the pooled eos output ignores later padding
+        # causal attention: the pooled eos output ignores padding after it, so 32 tokens suffice
+        ids = tokenize(tokenizer, captions, max_length=32)
         text = F.normalize(head(text_encoder(ids).pooler_output), dim=-1)
         image = F.normalize(tower(data.images[idx]), dim=-1)
         match = torch.from_numpy(caption_matches(named.numpy(), data.cells[idx].numpy()))
@@ -220,7 +222,8 @@ def train_classifier(
         use_recon = (torch.rand(len(idx), 1, 1, 1, generator=gen) < 0.5).float()
         x = _augment(use_recon * recon[idx] + (1 - use_recon) * data.images[idx], gen)
         obj_logits, sty_logits = model(x)
-        loss = F.cross_entropy(obj_logits, data.cells[idx, 0]) + F.cross_entropy(sty_logits, data.cells[idx, 1])
+        obj_loss = F.cross_entropy(obj_logits, data.cells[idx, 0])
+        loss = obj_loss + F.cross_entropy(sty_logits, data.cells[idx, 1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

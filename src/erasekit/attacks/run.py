@@ -1,0 +1,203 @@
+"""Run one attack end to end: attack, generate, score, and write the run directory.
+
+``RUN/`` (written through a staging directory; an existing run is never clobbered) holds::
+
+    RUN/metrics.json            ASR (percent) and its parts, the budget, the sampling, the detector
+    RUN/record.json             the same plus model and patch fingerprints, versions, commit, hardware, timings
+    RUN/prompts.txt             the adversarial prompts, one per line ("*" marks a learned-embedding slot)
+    RUN/embeddings.safetensors  learned embedding rows and token ids (attacks that learn them)
+    RUN/attack.json             candidates (prompt, base prompt, seeds), optimisation curves and statistics
+    RUN/scores.jsonl            one line per image: candidate, prompt, seed, verdict
+    RUN/images/*.png            the generated images
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from erasekit.attacks import budget_dict, get_attack, make_budget
+from erasekit.attacks.base import AttackResult, AttackTarget, SamplingPlan
+from erasekit.attacks.concepts import guess_type, prompt_set
+from erasekit.attacks.scoring import build_detector, generate_rows, image_rows, judge_rows
+from erasekit.errors import ErasekitError
+from erasekit.io import atomic_write_json, atomic_write_text, check_output_dir, output_dir
+
+
+def run_attack(
+    model: Any,
+    concept: str,
+    attack: str,
+    out: str | Path,
+    *,
+    concept_type: str | None = None,
+    patches: Sequence[Any] = (),
+    merge: str | None = None,
+    preset: str = "paper",
+    budget: Mapping[str, Any] | None = None,
+    seeds: int = 1,
+    steps: int | None = None,
+    guidance: float | None = None,
+    classifier: Any | None = None,
+    nudenet_preset: str = "hirm",
+    nudenet: Any = None,
+    batch_size: int = 8,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Attack ``model`` with ``patches`` applied, and write the run to ``out``.
+
+    Args:
+        model: a :class:`~erasekit.models.loading.LoadedModel`, unpatched. A text-encoder-only model is enough
+            for attacks that do not need the pipeline; their prompts are then written but not scored.
+        concept: the erased concept.
+        attack: registry name.
+        concept_type: ``style``, ``object`` or ``nsfw`` (guessed for MiniCanvas concepts and nudity).
+        patches: the erasure, composed in order (fingerprints are checked against ``model``).
+        preset: budget preset; ``budget`` overrides single fields.
+        seeds: images per candidate (seeds 188, 288, 588, ... as in UnlearnCanvas).
+        steps, guidance: sampling; MiniCanvas defaults (25, 5.0) for ``minicanvas``, else (50, 7.5).
+        classifier, nudenet_preset, nudenet: the detector (see :func:`~erasekit.attacks.scoring.build_detector`).
+        batch_size: images per pipeline call (runtime only).
+
+    Returns:
+        The metrics written to ``RUN/metrics.json``.
+    """
+    spec = get_attack(attack)
+    concept_type = concept_type or guess_type(concept)
+    config = make_budget(attack, preset, concept_type, budget)
+    check_output_dir(out, overwrite)
+    patch = _combined(model, patches, merge)
+    if spec.needs_pipeline:
+        model.require_pipeline()
+    prompts = prompt_set(concept, concept_type).first(config.prompts)
+    plan = _plan(model, seeds, steps, guidance)
+    detector = build_detector(prompts, classifier=classifier, nudenet_preset=nudenet_preset, nudenet=nudenet) \
+        if model.pipeline is not None else None  # fmt: skip
+    target = AttackTarget(model=model, patch=patch, prompts=prompts, sampling=plan)
+    with output_dir(out, overwrite) as tmp:
+        start = time.perf_counter()
+        result = spec.fn(target, config)
+        timings = {"attack_seconds": round(time.perf_counter() - start, 4)}
+        _write_artifacts(tmp, result)
+        scored = _score(model, result, plan, detector, tmp, batch_size, timings) if detector else _unscored()
+        metrics = {**_summary(spec.asr, scored), "attack": attack, "concept": prompts.concept,
+                   "concept_type": concept_type, "preset": preset, "budget": budget_dict(config),
+                   "prompt_source": prompts.source, "base_prompts": len(prompts.positives),
+                   "sampling": {"steps": plan.steps, "guidance": plan.guidance, "seeds": list(plan.seeds)},
+                   "detector": detector.info if detector else None, "stats": result.stats,
+                   "patch_under_attack": patch.summary() if patch else None,
+                   "patch_generated_with": result.patch.summary() if result.patch else None}  # fmt: skip
+        _finish(tmp, model, patches, metrics, timings)
+    return metrics
+
+
+def _combined(model: Any, patches: Sequence[Any], merge: str | None) -> Any | None:
+    from erasekit.evaluation.lifecycle import combined_patch
+
+    patch = combined_patch(patches, merge)
+    if patch is not None:
+        patch.check(model)
+    return patch
+
+
+def _plan(model: Any, seeds: int, steps: int | None, guidance: float | None) -> SamplingPlan:
+    from erasekit.evaluation.canvas import seed_list
+
+    if model.source == "minicanvas":
+        from erasekit.minicanvas.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+        default_steps, default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
+    else:
+        default_steps, default_guidance = 50, 7.5
+    return SamplingPlan(steps=steps or default_steps, guidance=default_guidance if guidance is None else guidance,
+                        seeds=tuple(seed_list(seeds)))  # fmt: skip
+
+
+def _write_artifacts(out: Path, result: AttackResult) -> None:
+    lines = [(c.text or c.prompt).replace("\n", " ") for c in result.candidates if c.phase == "attack"]
+    atomic_write_text(out / "prompts.txt", "".join(f"{line}\n" for line in lines))
+    if result.embeddings:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in result.embeddings.items()},
+                  str(out / "embeddings.safetensors"))  # fmt: skip
+    candidates = [{"prompt": c.prompt, "text": c.text, "group": c.group, "phase": c.phase, "seeds": c.seeds,
+                   "learned_rows": c.embedding is not None} for c in result.candidates]  # fmt: skip
+    atomic_write_json(out / "attack.json", {"candidates": candidates, "history": result.history,
+                                            "stats": result.stats})  # fmt: skip
+
+
+def _score(
+    model: Any, result: AttackResult, plan: SamplingPlan, detector: Any, out: Path, batch_size: int,
+    timings: dict[str, float],
+) -> dict[str, Any]:  # fmt: skip
+    rows = image_rows(result.candidates, plan)
+    start = time.perf_counter()
+    generate_rows(model, result.patch, result.candidates, rows, plan, out, batch_size)
+    timings["generation_seconds"] = round(time.perf_counter() - start, 4)
+    start = time.perf_counter()
+    hits = judge_rows(detector, rows, out)
+    timings["scoring_seconds"] = round(time.perf_counter() - start, 4)
+    entries = [{**r, "success": h} for r, h in zip(rows, hits)]
+    atomic_write_text(out / "scores.jsonl", "".join(_jsonl(e) for e in entries))
+    return {"rows": entries}
+
+
+def _unscored() -> dict[str, Any]:
+    return {"rows": None}
+
+
+def _jsonl(entry: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _pct(flags: Sequence[bool]) -> float | None:
+    return 100.0 * sum(flags) / len(flags) if flags else None
+
+
+def _summary(rule: str, scored: dict[str, Any]) -> dict[str, Any]:
+    """The rates of the scored rows; ``ASR`` is the attack's headline rule (see ``AttackSpec.asr``)."""
+    rows = scored["rows"]
+    if rows is None:
+        note = "the model has no pipeline: prompts were found but not scored (use erasekit eval --protocol prompts)"
+        return {"ASR": None, "scored": False, "note": note, "asr_rule": rule}
+    attacked = [r for r in rows if r["phase"] == "attack"]
+    by_group: dict[int, bool] = {}
+    for r in attacked:
+        by_group[r["group"]] = by_group.get(r["group"], False) or r["success"]
+    out: dict[str, Any] = {"scored": True, "asr_rule": rule, "images": len(attacked),
+                           "ASR_images": _pct([r["success"] for r in attacked]),
+                           "ASR_any": _pct(list(by_group.values()))}  # fmt: skip
+    pre = {(r["group"], r["seed"]): r["success"] for r in rows if r["phase"] == "pre"}
+    if pre:
+        post = {(r["group"], r["seed"]) for r in attacked if r["success"] and not pre.get((r["group"], r["seed"]))}
+        out["ASR_pre"] = _pct(list(pre.values()))
+        out["ASR_post"] = 100.0 * len(post) / len(pre)
+        out["ASR_pre_plus_post"] = out["ASR_pre"] + out["ASR_post"]
+    key = {"images": "ASR_images", "any": "ASR_any", "pre+post": "ASR_pre_plus_post"}[rule]
+    if key not in out:
+        raise ErasekitError(f"the attack produced no rows for its ASR rule {rule!r}")
+    out["ASR"] = out[key]
+    return out
+
+
+def _finish(
+    out: Path, model: Any, patches: Sequence[Any], metrics: dict[str, Any], timings: dict[str, float]
+) -> None:
+    from erasekit.evaluation import record as rec
+
+    record = rec.build_record(
+        protocol=f"attack/{metrics['attack']}",
+        config={k: metrics[k] for k in ("attack", "concept", "concept_type", "preset", "budget")},
+        model=model,
+        model_sha256=rec.model_fingerprint(model.components),
+        patches=list(patches),
+        sampling=metrics["sampling"],
+        timings=timings,
+        metrics=metrics,
+    )
+    rec.finish_run(out, metrics, record)
