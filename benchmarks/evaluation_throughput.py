@@ -1,6 +1,7 @@
 """MiniCanvas generation throughput by batch size, and the wall time of a full MiniCanvas evaluation.
 
-    python benchmarks/evaluation_throughput.py [--batch-sizes 1,8,32,64] [--images 64] [--full] [--tiny]
+    python benchmarks/evaluation_throughput.py [--batch-sizes 1,8,32,64] [--images 64] [--full] [--invariance]
+                                                [--tiny]
 
 Prints one line per measurement and a Markdown table for docs/benchmarks.md. ``--tiny`` measures the test suite's
 tiny pipeline instead of the shipped MiniCanvas weights (for machines without them). Throughput counts images
@@ -48,6 +49,30 @@ def throughput(model, batch_sizes: list[int], images: int, steps: int) -> list[t
     return rows
 
 
+def batch_invariance(model, sizes: tuple[int, int], steps: int) -> None:
+    """Generate the full grid (1 seed) at two batch sizes and count the PNGs that differ, and by how much."""
+    import numpy as np
+    from PIL import Image
+
+    from erasekit.evaluation.canvas import grid_jobs, seed_list
+    from erasekit.evaluation.runner import Sampling, generate
+    from erasekit.minicanvas.world import OBJECT_NAMES, STYLE_NAMES
+
+    jobs = grid_jobs(OBJECT_NAMES, STYLE_NAMES, seed_list(1))
+    outs = [Path(tempfile.mkdtemp()) for _ in sizes]
+    for out, bs in zip(outs, sizes):
+        generate(model.pipeline, jobs, out, Sampling(steps=steps, guidance=5.0), batch_size=bs)
+    diffs = []
+    for job in jobs:
+        a, b = (np.asarray(Image.open(o / "images" / f"{job.key}.png"), dtype=np.int16) for o in outs)
+        diffs.append((int(np.abs(a - b).max()), int((a != b).sum()), a.size))
+    changed = [d for d in diffs if d[0] > 0]
+    worst = max((d[0] for d in diffs), default=0)
+    most = max((d[1] for d in diffs), default=0)
+    print(f"batch {sizes[0]} vs {sizes[1]}: {len(changed)} of {len(jobs)} images differ; largest difference "
+          f"{worst} (8-bit levels), at most {most} of {diffs[0][2]} values in one image")  # fmt: skip
+
+
 def full_evaluation(model, batch_size: int, tiny: bool) -> tuple[float, dict]:
     """Wall time of ``evaluate_minicanvas`` over the full 12 x 12 grid, 2 seeds, target ``neon`` + generality."""
     from erasekit.evaluation.canvas import evaluate_minicanvas
@@ -72,17 +97,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--full", action="store_true", help="also time a full MiniCanvas evaluation")
     parser.add_argument("--full-batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--invariance", action="store_true", help="compare PNGs generated at batch 8 and 64")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny pipeline instead of MiniCanvas")
     args = parser.parse_args()
     from erasekit import progress
 
     progress.set_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
     model = _model(args.tiny)
     rows = throughput(model, [int(b) for b in args.batch_sizes.split(",")], args.images, args.steps)
     print("\n| batch size | images/s |\n|---:|---:|")
     for bs, rate in rows:
         print(f"| {bs} | {rate:.1f} |")
+    if args.invariance:
+        batch_invariance(model, (8, 64), args.steps)
     if args.full:
         seconds, metrics = full_evaluation(model, args.full_batch_size, args.tiny)
         print(f"\nfull MiniCanvas evaluation: {seconds:.1f} s, {metrics['images']} grid images, "

@@ -261,3 +261,30 @@ def test_bad_classifier_folders(tmp_path):
 def test_percentages_are_finite():
     m = unlearncanvas_metrics(RECORDS, ["x", "y"], ["a", "b", "c"])
     assert all(math.isfinite(v) for v in (m["object_accuracy"], m["style_accuracy"])) and "UA" not in m
+
+
+# ---- FID's Inception ---------------------------------------------------------------------------------------
+
+
+def test_inception_has_torchvisions_layout_and_loads_fid_weights_by_name(tmp_path):
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from erasekit.evaluation.inception import FIDInception, InceptionFeatures
+
+    torch.manual_seed(0)
+    net = FIDInception()
+    # torchvision's inception_v3 has 27,161,264 parameters with aux logits and a 1000-class fc; without them:
+    assert sum(p.numel() for p in net.parameters()) == 27_161_264 - 3_326_696 - 2_049_000
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)  # FID's file has logits
+    save_file(state, str(tmp_path / "fid.safetensors"))
+    extractor = InceptionFeatures(tmp_path / "fid.safetensors")
+    feats = extractor.features([Image.new("RGB", (32, 32), (40, 100, 200))])
+    assert feats.shape == (1, 2048) and feats.dtype == torch.float64 and (feats >= 0).all()
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ErasekitError, match="missing \\['Mixed_7c.branch_pool.conv.weight'\\]"):
+        InceptionFeatures(tmp_path / "bad.safetensors")
+    with pytest.raises(ErasekitError, match=".safetensors file"):
+        InceptionFeatures(tmp_path / "fid.pth")

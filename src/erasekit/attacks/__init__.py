@@ -98,7 +98,9 @@ def get_attack(name: str) -> AttackSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ErasekitError(f"unknown attack {name!r}; choose one of {', '.join(sorted(_REGISTRY))}") from None
+        raise ErasekitError(
+            f"unknown attack {name!r}; choose one of {', '.join(sorted(_REGISTRY))}"
+        ) from None
 
 
 def preset_values(spec: AttackSpec, preset: str, concept_type: str) -> dict[str, Any]:
@@ -117,13 +119,17 @@ def make_budget(
 ) -> Any:
     """An attack's budget: dataclass defaults, then the preset for ``concept_type``, then ``overrides``."""
     if concept_type not in CONCEPT_TYPES:
-        raise ErasekitError(f"unknown concept type {concept_type!r}; choose one of {', '.join(CONCEPT_TYPES)}")
+        raise ErasekitError(
+            f"unknown concept type {concept_type!r}; choose one of {', '.join(CONCEPT_TYPES)}"
+        )
     spec = get_attack(name)
     values = preset_values(spec, preset, concept_type)
     fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
     for key, value in (overrides or {}).items():
         if key not in fields:
-            raise ErasekitError(f"attack {name} has no budget key {key!r}; known: {', '.join(sorted(fields))}")
+            raise ErasekitError(
+                f"attack {name} has no budget key {key!r}; known: {', '.join(sorted(fields))}"
+            )
         values[key] = value
     try:
         return spec.config_cls(**values)

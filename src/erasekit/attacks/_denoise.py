@@ -13,7 +13,9 @@ from erasekit.sampling import noised, predict_noise
 
 
 @torch.no_grad()
-def model_latents(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], plan: SamplingPlan) -> torch.Tensor:
+def model_latents(
+    pipe: Any, prompts: Sequence[str], seeds: Sequence[int], plan: SamplingPlan
+) -> torch.Tensor:
     """Clean latents ``[N, C, h, w]`` the pipeline (as it currently is) generates for each (prompt, seed)."""
     out = []
     for prompt, seed in zip(prompts, seeds):
@@ -28,12 +30,16 @@ def model_latents(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], plan:
     return torch.cat(out)
 
 
-def draws(pipe: Any, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draws(
+    pipe: Any, x0: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noised latents of ``x0`` ``[B, C, h, w]`` at random timesteps: ``(x_t, target, t [B])``."""
     return noised(pipe, x0, generator)
 
 
-def denoise_loss(pipe: Any, x_t: torch.Tensor, want: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+def denoise_loss(
+    pipe: Any, x_t: torch.Tensor, want: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
+) -> torch.Tensor:
     """‖target − ε_θ(x_t, t, c)‖² (mean), with ``cond`` ``[B, 77, D]`` (batch 1 is broadcast)."""
     if cond.shape[0] != x_t.shape[0]:
         cond = cond.expand(x_t.shape[0], -1, -1)

@@ -26,7 +26,9 @@ PHASES = ("attack", "pre")
 class Budget:
     """Fields every attack budget has (subclasses add their own)."""
 
-    prompts: int = field(default=12, metadata={"help": "base prompts that ask for the concept (attack targets)"})
+    prompts: int = field(
+        default=12, metadata={"help": "base prompts that ask for the concept (attack targets)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of every random choice of the attack"})
 
     def __post_init__(self) -> None:
@@ -60,7 +62,9 @@ class PromptSet:
 
     def __post_init__(self) -> None:
         if not (len(self.positives) == len(self.negatives) == len(self.placeholders)) or not self.positives:
-            raise ErasekitError("a prompt set needs equally many (non-zero) positives, negatives, placeholders")
+            raise ErasekitError(
+                "a prompt set needs equally many (non-zero) positives, negatives, placeholders"
+            )
 
     def first(self, n: int) -> PromptSet:
         """The first ``n`` prompts (all of them when there are fewer)."""

@@ -42,7 +42,9 @@ def synonyms(target: AttackTarget, config: SynonymsConfig) -> AttackResult:
     paraphrases = ps.paraphrases if config.paraphrases else ()
     if not names and not any(paraphrases):
         raise ErasekitError(f"no synonyms known for {ps.concept!r}; pass --budget names=a,b,c")
-    cands = [Candidate(prompt=fill(hole, n), group=i) for n in names for i, hole in enumerate(ps.placeholders)]
+    cands = [
+        Candidate(prompt=fill(hole, n), group=i) for n in names for i, hole in enumerate(ps.placeholders)
+    ]
     cands += [Candidate(prompt=p, group=i) for i, group in enumerate(paraphrases) for p in group]
     return AttackResult(candidates=tuple(cands), patch=target.patch, stats={"names": names})
 
@@ -72,7 +74,9 @@ def random_probe(target: AttackTarget, config: RandomProbeConfig) -> AttackResul
     g = torch.Generator().manual_seed(config.seed)
     cands = []
     for i, prompt in enumerate(target.prompts.positives):
-        picks = vocab[torch.randint(0, len(vocab), (config.probes, config.tokens), generator=g)]  # [probes, T]
+        picks = vocab[
+            torch.randint(0, len(vocab), (config.probes, config.tokens), generator=g)
+        ]  # [probes, T]
         for j, ids in enumerate(picks):
             noise = tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()
             prefix = config.position == "prefix" or (config.position == "both" and j % 2 == 0)
@@ -100,10 +104,16 @@ def seed_search(target: AttackTarget, config: SeedSearchConfig) -> AttackResult:
     return AttackResult(candidates=cands, patch=target.patch, stats={"seeds": list(seeds)})
 
 
-register_attack("synonyms", SynonymsConfig, presets={"paper": {}}, summary=synonyms.__doc__.split("\n")[0])(synonyms)
+register_attack("synonyms", SynonymsConfig, presets={"paper": {}}, summary=synonyms.__doc__.split("\n")[0])(
+    synonyms
+)
 register_attack(
     "random-probe", RandomProbeConfig, presets={"paper": {}}, summary=random_probe.__doc__.split("\n")[0]
 )(random_probe)
 register_attack(
-    "seed-search", SeedSearchConfig, presets={"paper": {}}, asr="any", summary=seed_search.__doc__.split("\n")[0]
+    "seed-search",
+    SeedSearchConfig,
+    presets={"paper": {}},
+    asr="any",
+    summary=seed_search.__doc__.split("\n")[0],
 )(seed_search)

@@ -33,15 +33,20 @@ FITNESS_BATCH = 256  # sequences per encoder call (runtime only)
 class RingABellConfig(Budget):
     """Ring-A-Bell's budget; ``paper`` is the authors' (population 200, 3000 generations, 0.25 / 0.5)."""
 
-    tokens: int = field(default=16, metadata={"help": "K, prompt length in tokens (16 or 77; 77 fills all 75 slots)"})
+    tokens: int = field(
+        default=16, metadata={"help": "K, prompt length in tokens (16 or 77; 77 fills all 75 slots)"}
+    )
     eta: float = field(default=3.0, metadata={"help": "η, strength of the concept vector in the target"})
     population: int = field(default=200, metadata={"help": "individuals per generation"})
     generations: int = field(default=3000, metadata={"help": "generations of the genetic search"})
     mutation: float = field(default=0.25, metadata={"help": "probability that a child gets one random token"})
-    crossover: float = field(default=0.5, metadata={"help": "probability that a child is a one-point crossover"})
+    crossover: float = field(
+        default=0.5, metadata={"help": "probability that a child is a one-point crossover"}
+    )
     elite: int = field(default=1, metadata={"help": "best individuals carried over unchanged"})
     encoder: str = field(
-        default="base", metadata={"help": "encoder the search queries: base (the authors') or erased (patched)"}
+        default="base",
+        metadata={"help": "encoder the search queries: base (the authors') or erased (patched)"},
     )
 
     def __post_init__(self) -> None:
@@ -92,7 +97,9 @@ class Encoders:
         return torch.cat(chunks)  # [N, 77 * D]
 
 
-def concept_targets(encoders: Encoders, positives: list[str], negatives: list[str], eta: float) -> list[torch.Tensor]:
+def concept_targets(
+    encoders: Encoders, positives: list[str], negatives: list[str], eta: float
+) -> list[torch.Tensor]:
     """Per encoder, targets ``[N, 77 * D]``: E(p_i⁺) + η · mean_j [E(p_j⁺) − E(p_j⁻)]."""
     pos, neg = encoders.prompts(positives), encoders.prompts(negatives)
     return [p + eta * (p - n).mean(0, keepdim=True) for p, n in zip(pos, neg)]
@@ -182,8 +189,13 @@ register_attack(
     presets={
         "paper": {"tokens": 16, "style": {"eta": 0.9}, "object": {"eta": 0.9}, "nsfw": {"eta": 3.0}},
         "paper-k77": {"tokens": 77, "style": {"eta": 0.9}, "object": {"eta": 0.9}, "nsfw": {"eta": 3.0}},
-        "quick": {"population": 64, "generations": 100, "style": {"eta": 0.9}, "object": {"eta": 0.9},
-                  "nsfw": {"eta": 3.0}},
+        "quick": {
+            "population": 64,
+            "generations": 100,
+            "style": {"eta": 0.9},
+            "object": {"eta": 0.9},
+            "nsfw": {"eta": 3.0},
+        },
     },  # fmt: skip
     needs_pipeline=False,
     summary="Ring-A-Bell: genetic search over K tokens toward prompt + η·concept vector (text encoder only)",

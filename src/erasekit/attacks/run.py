@@ -73,8 +73,11 @@ def run_attack(
         model.require_pipeline()
     prompts = prompt_set(concept, concept_type).first(config.prompts)
     plan = _plan(model, seeds, steps, guidance)
-    detector = build_detector(prompts, classifier=classifier, nudenet_preset=nudenet_preset, nudenet=nudenet) \
-        if model.pipeline is not None else None  # fmt: skip
+    detector = None  # a text-encoder-only model: prompts are found, not scored
+    if model.pipeline is not None:
+        detector = build_detector(
+            prompts, classifier=classifier, nudenet_preset=nudenet_preset, nudenet=nudenet
+        )
     target = AttackTarget(model=model, patch=patch, prompts=prompts, sampling=plan)
     with output_dir(out, overwrite) as tmp:
         start = time.perf_counter()
@@ -82,15 +85,26 @@ def run_attack(
         timings = {"attack_seconds": round(time.perf_counter() - start, 4)}
         _write_artifacts(tmp, result)
         scored = _score(model, result, plan, detector, tmp, batch_size, timings) if detector else _unscored()
-        metrics = {**_summary(spec.asr, scored), "attack": attack, "concept": prompts.concept,
-                   "concept_type": concept_type, "preset": preset, "budget": budget_dict(config),
-                   "prompt_source": prompts.source, "base_prompts": len(prompts.positives),
-                   "sampling": {"steps": plan.steps, "guidance": plan.guidance, "seeds": list(plan.seeds)},
-                   "detector": detector.info if detector else None, "stats": result.stats,
-                   "patch_under_attack": patch.summary() if patch else None,
-                   "patch_generated_with": result.patch.summary() if result.patch else None}  # fmt: skip
+        metrics = {**_summary(spec.asr, scored), **_describe(target, result, detector),
+                   "attack": attack, "preset": preset, "budget": budget_dict(config)}  # fmt: skip
         _finish(tmp, model, patches, metrics, timings)
     return metrics
+
+
+def _describe(target: AttackTarget, result: AttackResult, detector: Any | None) -> dict[str, Any]:
+    """What was attacked and how: concept, prompts, sampling, detector, the patches, the attack's statistics."""
+    ps, plan = target.prompts, target.sampling
+    return {
+        "concept": ps.concept,
+        "concept_type": ps.concept_type,
+        "prompt_source": ps.source,
+        "base_prompts": len(ps.positives),
+        "sampling": {"steps": plan.steps, "guidance": plan.guidance, "seeds": list(plan.seeds)},
+        "detector": detector.info if detector else None,
+        "stats": result.stats,
+        "patch_under_attack": target.patch.summary() if target.patch else None,
+        "patch_generated_with": result.patch.summary() if result.patch else None,
+    }
 
 
 def _combined(model: Any, patches: Sequence[Any], merge: str | None) -> Any | None:
@@ -174,7 +188,9 @@ def _summary(rule: str, scored: dict[str, Any]) -> dict[str, Any]:
                            "ASR_any": _pct(list(by_group.values()))}  # fmt: skip
     pre = {(r["group"], r["seed"]): r["success"] for r in rows if r["phase"] == "pre"}
     if pre:
-        post = {(r["group"], r["seed"]) for r in attacked if r["success"] and not pre.get((r["group"], r["seed"]))}
+        post = {
+            (r["group"], r["seed"]) for r in attacked if r["success"] and not pre.get((r["group"], r["seed"]))
+        }
         out["ASR_pre"] = _pct(list(pre.values()))
         out["ASR_post"] = 100.0 * len(post) / len(pre)
         out["ASR_pre_plus_post"] = out["ASR_pre"] + out["ASR_post"]

@@ -59,7 +59,9 @@ def _classifier_detector(prompts: PromptSet, classifier: Any | None) -> Detector
     kind, concept = prompts.concept_type, prompts.concept
     names = classifier.style_names if kind == "style" else classifier.object_names
     if concept not in names:
-        raise ErasekitError(f"the classifier's {kind} head has no class {concept!r}; it knows {', '.join(names)}")
+        raise ErasekitError(
+            f"the classifier's {kind} head has no class {concept!r}; it knows {', '.join(names)}"
+        )
 
     def judge(files: Sequence[Path]) -> list[bool]:
         objects, styles = classifier.classify(_read_images(files))

@@ -83,7 +83,9 @@ class InversionObjective:
             return sum(float(self.loss(v, everything, d)) for d in fixed) / len(fixed)
 
 
-def train(objective: InversionObjective, v0: torch.Tensor, config: TextualInversionConfig, g: torch.Generator) -> tuple[torch.Tensor, list[float]]:
+def train(
+    objective: InversionObjective, v0: torch.Tensor, config: TextualInversionConfig, g: torch.Generator
+) -> tuple[torch.Tensor, list[float]]:
     """Adam on the embedding from ``v0`` ``[D]``; returns it and each step's loss."""
     v = v0.clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=config.lr)
@@ -103,8 +105,12 @@ def textual_inversion(target: AttackTarget, config: TextualInversionConfig) -> A
     pipe = check_unet_family(model, "textual-inversion")
     n = len(ps.positives)
     order = [j % n for j in range(config.images)]
-    latents = model_latents(pipe, [ps.positives[j] for j in order],
-                            [IMAGE_SEED + j for j in range(config.images)], target.sampling)  # base model
+    latents = model_latents(
+        pipe,
+        [ps.positives[j] for j in order],
+        [IMAGE_SEED + j for j in range(config.images)],
+        target.sampling,
+    )  # base model
     g = torch.Generator().manual_seed(config.seed)
     v0 = init_embedding(pipe, config.init_word)
     with target.erased(), frozen(pipe.unet, pipe.text_encoder):
@@ -116,7 +122,9 @@ def textual_inversion(target: AttackTarget, config: TextualInversionConfig) -> A
     stats = {"loss_before": before, "loss_after": after, "init_word": config.init_word,
              "norm_init": float(v0.norm()), "norm_learned": float(v.norm()),
              "cosine_to_init": float(torch.cosine_similarity(v, v0, dim=0))}  # fmt: skip
-    cands = tuple(Candidate(prompt=p, group=i, embedding=v.unsqueeze(0)) for i, p in enumerate(ps.placeholders))
+    cands = tuple(
+        Candidate(prompt=p, group=i, embedding=v.unsqueeze(0)) for i, p in enumerate(ps.placeholders)
+    )
     return AttackResult(candidates=cands, patch=target.patch, embeddings={"learned_embedding": v.unsqueeze(0)},
                         history={"loss": losses}, stats=stats)  # fmt: skip
 
@@ -124,7 +132,12 @@ def textual_inversion(target: AttackTarget, config: TextualInversionConfig) -> A
 register_attack(
     "textual-inversion",
     TextualInversionConfig,
-    presets={"paper": {"style": {"init_word": "art"}, "object": {"init_word": "object"},
-                       "nsfw": {"init_word": "person"}}},  # fmt: skip
+    presets={
+        "paper": {
+            "style": {"init_word": "art"},
+            "object": {"init_word": "object"},
+            "nsfw": {"init_word": "person"},
+        }
+    },  # fmt: skip
     summary="Textual inversion (CCE): a token embedding learned on the erased model from base-model images",
 )(textual_inversion)

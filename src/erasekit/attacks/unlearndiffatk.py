@@ -48,12 +48,17 @@ class UnlearnDiffAtkConfig(Budget):
     iterations: int = field(default=40, metadata={"help": "optimisation steps per base prompt"})
     lr: float = field(default=0.01, metadata={"help": "Adam learning rate on the simplex weights"})
     weight_decay: float = field(default=0.1, metadata={"help": "Adam weight decay"})
-    discrete: bool = field(default=True, metadata={"help": "generate with the argmax tokens (else the relaxed rows)"})
+    draws: int = field(default=1, metadata={"help": "(t, noise) draws averaged per step (the authors: 1)"})
+    discrete: bool = field(
+        default=True, metadata={"help": "generate with the argmax tokens (else the relaxed rows)"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 1 <= self.tokens <= 70 or self.iterations < 1 or self.lr <= 0 or self.weight_decay < 0:
             raise ValueError("need 1 <= tokens <= 70, iterations >= 1, lr > 0 and weight_decay >= 0")
+        if self.draws < 1:
+            raise ValueError("draws must be >= 1")
 
 
 def project_simplex(w: torch.Tensor) -> torch.Tensor:
@@ -61,7 +66,9 @@ def project_simplex(w: torch.Tensor) -> torch.Tensor:
     u, _ = w.sort(dim=-1, descending=True)
     css = u.cumsum(-1) - 1.0
     ranks = torch.arange(1, w.shape[-1] + 1, device=w.device, dtype=w.dtype)
-    rho = ((u - css / ranks) > 0).to(w.dtype).mul(ranks).argmax(-1, keepdim=True)  # last index that stays positive
+    rho = (
+        ((u - css / ranks) > 0).to(w.dtype).mul(ranks).argmax(-1, keepdim=True)
+    )  # last index that stays positive
     theta = css.gather(-1, rho) / (rho + 1).to(w.dtype)  # [k, 1]
     return (w - theta).clamp_min(0.0)
 
@@ -105,7 +112,8 @@ def optimise(
     opt = torch.optim.Adam([w], lr=config.lr, weight_decay=config.weight_decay)
     losses = []
     for _ in range(config.iterations):
-        loss = objective.loss(objective.rows(w), draws(objective.pipe, objective.x0, g))
+        x0 = objective.x0.expand(config.draws, -1, -1, -1)  # [draws, C, h, w], each with its own t and noise
+        loss = objective.loss(objective.rows(w), draws(objective.pipe, x0, g))
         (grad,) = torch.autograd.grad(loss, w)
         w.grad = grad
         opt.step()

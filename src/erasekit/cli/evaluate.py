@@ -57,7 +57,14 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--fid-reference", default=None, help="run directory or image folder to compute FID against"
     )
-    g.add_argument("--fid-features", default="clip", choices=["clip", "classifier"], help="FID feature space")
+    g.add_argument(
+        "--fid-features", default="clip", choices=["clip", "classifier", "inception"], help="FID features"
+    )
+    g.add_argument(
+        "--fid-weights",
+        default=None,
+        help="FID Inception weights (.safetensors) for --fid-features inception",
+    )
     p.set_defaults(func=run_eval)
 
 
@@ -113,6 +120,7 @@ _ADAPTERS = {
         "clip": a.clip,
         "fid_reference": a.fid_reference,
         "fid_features": a.fid_features,
+        "fid_weights": a.fid_weights,
         "classifier": _classifier(a),
     },  # fmt: skip
     "prompts": lambda a: {

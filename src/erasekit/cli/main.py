@@ -26,6 +26,8 @@ COMMAND_MODULES = (
     "erasekit.cli.demo",
     "erasekit.cli.minicanvas",
     "erasekit.cli.evaluate",
+    "erasekit.cli.attack",
+    "erasekit.cli.bench",
 )
 
 

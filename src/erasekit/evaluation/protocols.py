@@ -23,6 +23,7 @@ from erasekit.evaluation.prompts import PromptRecord, load_prompts
 from erasekit.evaluation.runner import Job, Sampling
 
 DETECTORS = ("nudenet", "classifier")
+FID_FEATURES = ("clip", "classifier", "inception")
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ def evaluate_coco(
     clip: str | Path | None = None,
     fid_reference: str | Path | None = None,
     fid_features: str = "clip",
+    fid_weights: str | Path | None = None,
     classifier: Any | None = None,
     patches: Sequence[Any] = (),
     merge: str | None = None,
@@ -172,12 +174,18 @@ def evaluate_coco(
 
     Args:
         fid_reference: a folder of real images, or a run directory of the base model's generations.
-        fid_features: ``"clip"`` (CLIP image embeddings; needs ``clip``) or ``"classifier"`` (MiniCanvas).
+        fid_features: ``"clip"`` (CLIP image embeddings; needs ``clip``), ``"classifier"`` (MiniCanvas) or
+            ``"inception"`` (FID's Inception-v3; needs ``fid_weights``, see :mod:`erasekit.evaluation.inception`).
+        fid_weights: the Inception weights as safetensors.
     """
     if clip is None and fid_reference is None:
         raise ErasekitError("the coco protocol needs --clip MODEL_DIR and/or --fid-reference DIR")
+    if fid_reference is not None and fid_features not in FID_FEATURES:
+        raise ErasekitError(f"unknown FID features {fid_features!r}; choose one of {', '.join(FID_FEATURES)}")
     if fid_reference is not None and fid_features == "clip" and clip is None:
         raise ErasekitError("FID with CLIP features needs --clip MODEL_DIR")
+    if fid_reference is not None and fid_features == "inception" and fid_weights is None:
+        raise ErasekitError("FID with Inception features needs --fid-weights FILE.safetensors")
     records = load_prompts(prompts, fmt, limit)
     seed_values = seed_list(seeds)
     jobs = prompt_jobs(records, seed_values)
@@ -185,7 +193,8 @@ def evaluate_coco(
     config = {
         "protocol": "coco", "prompts": str(prompts), "format": fmt, "limit": limit, "clip": str(clip) if clip else None,
         "fid_reference": str(fid_reference) if fid_reference else None, "fid_features": fid_features,
-        "seeds": seed_values, "patches": [p.fingerprint() for p in patches], "merge": merge, "model": model.source,
+        "fid_weights": str(fid_weights) if fid_weights else None, "seeds": seed_values,
+        "patches": [p.fingerprint() for p in patches], "merge": merge, "model": model.source,
         "steps": steps, "guidance": guidance, "height": height, "width": width, "scheduler": scheduler,
     }  # fmt: skip
 
@@ -200,7 +209,7 @@ def evaluate_coco(
             metrics["clip"] = {**scorer.score(images, [e["prompt"] for e in entries]), "model": scorer.source}
             metrics["clip_score"] = metrics["clip"]["clip_score"]
         if fid_reference is not None:
-            extractor = scorer if fid_features == "clip" else _classifier(classifier)
+            extractor = _fid_extractor(fid_features, scorer, fid_weights, classifier)
             ref = reference_images(fid_reference)
             value = fid_from_features(extractor.features(images), extractor.features(ref))
             kind = "run" if (Path(fid_reference) / "manifest.jsonl").is_file() else "images"
@@ -214,10 +223,17 @@ def evaluate_coco(
     )  # fmt: skip
 
 
-def _classifier(classifier: Any | None) -> Any:
+def _fid_extractor(kind: str, scorer: Any, weights: str | Path | None, classifier: Any | None) -> Any:
+    """The object whose ``features(images) -> [N, D]`` FID uses."""
     from erasekit.evaluation.classifiers import builtin_classifier
+    from erasekit.evaluation.inception import InceptionFeatures
 
-    return classifier or builtin_classifier()
+    builders = {
+        "clip": lambda: scorer,
+        "classifier": lambda: classifier or builtin_classifier(),
+        "inception": lambda: InceptionFeatures(weights),
+    }
+    return builders[kind]()
 
 
 PROTOCOLS: dict[str, Protocol] = {

@@ -98,7 +98,7 @@ def trained_in_place(module: nn.Module, names: Sequence[str]) -> Iterator[dict[s
 
 
 def trainable_copies(module: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Detached fp32-or-native copies of ``names`` with gradients on, for ``torch.func.functional_call``."""
+    """Detached copies of ``names`` with gradients on, to train through ``torch.func.functional_call``."""
     return {n: resolve_param(module, n).detach().clone().requires_grad_(True) for n in names}
 
 

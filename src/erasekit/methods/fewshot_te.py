@@ -80,7 +80,13 @@ def minicanvas_images(concept: str, n: int, seed: int) -> list[np.ndarray]:
     from erasekit.minicanvas.render import render
     from erasekit.minicanvas.world import OBJECT_NAMES, STYLE_NAMES, concept_info
 
-    info, rng = concept_info(concept), np.random.default_rng(seed)
+    try:
+        info = concept_info(concept)
+    except ErasekitError as e:
+        raise ErasekitError(
+            f"fewshot-te renders only MiniCanvas concepts; pass --images FOLDER for others ({e})"
+        ) from None
+    rng = np.random.default_rng(seed)
     if info.kind == "object":
         return [render(info.name, STYLE_NAMES[rng.integers(len(STYLE_NAMES))], rng) for _ in range(n)]
     return [render(OBJECT_NAMES[rng.integers(len(OBJECT_NAMES))], info.name, rng) for _ in range(n)]

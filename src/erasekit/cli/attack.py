@@ -1,0 +1,127 @@
+"""``erasekit attack`` (attack a patched model, write RUN/metrics.json) and ``erasekit attacks`` (list them)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Any
+
+from erasekit.cli.options import _hints, add_model_arg, add_out_arg, convert
+
+CONCEPT_TYPES = ("style", "object", "nsfw")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "attack", help="attack an erased model; writes RUN/metrics.json (ASR) and the artifacts"
+    )
+    add_model_arg(p)
+    p.add_argument("--patch", action="append", default=[], help="patch directory (repeat to compose)")
+    p.add_argument(
+        "--merge", choices=["mean"], default=None, help="how to combine patches that change one tensor"
+    )
+    p.add_argument("--attack", required=True, help="attack name (see `erasekit attacks`)")
+    p.add_argument("--concept", required=True, help="the erased concept")
+    p.add_argument("--type", dest="concept_type", default=None, choices=CONCEPT_TYPES,
+                   help="concept type (guessed for MiniCanvas concepts and nudity)")  # fmt: skip
+    p.add_argument("--preset", default="paper", help="budget preset (default: paper)")
+    p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one budget field (repeat); see `erasekit attacks NAME`")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=1, help="images per adversarial prompt (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (minicanvas 25, others 50)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (minicanvas 5.0, others 7.5)")
+    p.add_argument(
+        "--classifier", default=None, help="classifier folder for styles/objects (default: MiniCanvas)"
+    )
+    p.add_argument(
+        "--nudenet-preset", default="hirm", help="NudeNet preset for nsfw: hirm, unlearndiffatk, rece"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (runtime only)")
+    add_out_arg(p, "attack run")
+    p.set_defaults(func=run_attack_cmd)
+
+    a = sub.add_parser("attacks", help="list attacks, or show one attack's budget fields and presets")
+    a.add_argument("name", nargs="?", help="an attack name")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.set_defaults(func=run_attacks_cmd)
+
+
+def parse_budget(items: list[str], config_cls: type) -> dict[str, Any]:
+    """``["key=value", ...]`` -> typed overrides of ``config_cls``'s fields."""
+    from erasekit.errors import ErasekitError
+
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ErasekitError(f"--budget takes KEY=VALUE, not {item!r}")
+        if key not in fields:
+            raise ErasekitError(f"unknown budget key {key!r}; known: {', '.join(sorted(fields))}")
+        out[key] = convert(raw.strip(), _hints(config_cls)[key], key)
+    return out
+
+
+def run_attack_cmd(args: argparse.Namespace) -> int:
+    from erasekit.attacks import get_attack, make_budget
+    from erasekit.attacks.concepts import guess_type
+    from erasekit.attacks.run import run_attack
+    from erasekit.errors import ErasekitError
+    from erasekit.io import check_output_dir
+    from erasekit.models.loading import load
+    from erasekit.patch import Patch
+
+    spec = get_attack(args.attack)
+    concept_type = args.concept_type or guess_type(args.concept)
+    budget = parse_budget(args.budget, spec.config_cls)
+    make_budget(args.attack, args.preset, concept_type, budget)  # every budget error before any loading
+    if args.seeds < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
+        raise ErasekitError("--seeds, --steps and --batch-size must be at least 1")
+    check_output_dir(args.out, args.overwrite)
+    patches = [Patch.load(p) for p in args.patch]
+    model = load(args.model, device=args.device, allow_pickle=args.allow_pickle)
+    metrics = run_attack(
+        model, args.concept, args.attack, args.out, concept_type=concept_type, patches=patches, merge=args.merge,
+        preset=args.preset, budget=budget, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
+        classifier=_classifier(args), nudenet_preset=args.nudenet_preset, batch_size=args.batch_size,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    asr = metrics["ASR"]
+    shown = "not scored (no pipeline)" if asr is None else f"{asr:.2f}%"
+    print(f"{args.attack} on {metrics['concept']}: ASR {shown} -> {args.out}/metrics.json")
+    return 0
+
+
+def _classifier(args: argparse.Namespace) -> Any:
+    if args.classifier is None:
+        return None
+    from erasekit.evaluation.classifiers import load_classifier_folder
+
+    return load_classifier_folder(args.classifier, device=args.device)
+
+
+def run_attacks_cmd(args: argparse.Namespace) -> int:
+    from erasekit.attacks import get_attack, list_attacks
+
+    if args.name is None:
+        rows = [{"name": n, "summary": get_attack(n).summary} for n in list_attacks()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            width = max(len(r["name"]) for r in rows)
+            print("\n".join(f"{r['name']:<{width}}  {r['summary']}" for r in rows))
+        return 0
+    spec = get_attack(args.name)
+    fields = [{"name": f.name, "default": f.default, "help": f.metadata.get("help", "")}
+              for f in dataclasses.fields(spec.config_cls)]  # fmt: skip
+    info = {"name": spec.name, "summary": spec.summary, "presets": spec.presets, "asr": spec.asr,
+            "needs_pipeline": spec.needs_pipeline, "budget": fields}  # fmt: skip
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{spec.name}: {spec.summary}\npresets: {', '.join(spec.presets)}; headline ASR: {spec.asr}")
+    for f in fields:
+        print(f"  {f['name']:<16} {f['help']} [default: {f['default']}]")
+    return 0

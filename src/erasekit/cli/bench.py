@@ -1,0 +1,121 @@
+"""``erasekit bench``: run methods over sampled MiniCanvas concepts; write the leaderboard and an HTML report."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any
+
+from erasekit.cli.options import add_model_arg
+from erasekit.errors import ErasekitError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="the MiniCanvas leaderboard: methods x concepts, means and spreads")
+    add_model_arg(p)
+    p.add_argument("--methods", required=True,
+                   help="comma-separated entries: method, method:preset, or a stack a+b (e.g. hirm-r+uce)")  # fmt: skip
+    p.add_argument("--presets", default=None,
+                   help="comma-separated presets: one row per preset a method has (for methods named alone)")  # fmt: skip
+    p.add_argument(
+        "--concepts", default=None, help="comma-separated styles and objects (default: sample them)"
+    )
+    p.add_argument("--n-styles", type=int, default=3, help="styles to sample when --concepts is not given")
+    p.add_argument("--n-objects", type=int, default=3, help="objects to sample when --concepts is not given")
+    p.add_argument("--seed", type=int, default=0, help="seed of the concept sampling")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per grid cell in every evaluation")
+    p.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (MiniCanvas default when omitted)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call (runtime only)")
+    p.add_argument("--classifier", default=None, help="classifier checkpoint folder (default: built-in)")
+    p.add_argument("--not-run", action="append", default=[], metavar="ENTRY=REASON",
+                   help="show ENTRY as 'not run: REASON' instead of running it (repeatable)")  # fmt: skip
+    p.add_argument("--out", required=True, help="leaderboard directory (an unfinished one is resumed)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing leaderboard at --out first")
+    p.set_defaults(func=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from erasekit.bench import BenchSettings, parse_entries, run_bench
+    from erasekit.models.loading import load
+
+    not_run = {parse_entries([k])[0].label: v for k, v in _not_run(args.not_run).items()}
+    entries = parse_entries(_split(args.methods), _split(args.presets))
+    entries += [e for e in parse_entries(list(not_run)) if e not in entries]
+    concepts, seed = _concepts(args)
+    model = load(args.model, device=args.device, allow_pickle=args.allow_pickle)
+    if model.pipeline is None:
+        raise ErasekitError(f"bench needs a full pipeline; {args.model} has only text encoders")
+    board = run_bench(
+        model, args.out, entries, concepts, settings=BenchSettings(seeds=args.seeds, steps=args.steps),
+        classifier=_classifier(args), batch_size=args.batch_size, not_run=not_run, concept_seed=seed,
+        command=_command(args), overwrite=args.overwrite, log=_log,
+    )  # fmt: skip
+    missing = board.missing()
+    print(f"leaderboard: {args.out}/leaderboard.md, report: {args.out}/report.html"
+          + (f" (partial: {len(missing)} cell(s) missing)" if missing else ""))  # fmt: skip
+    return 1 if missing else 0
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else []
+
+
+def _not_run(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        entry, sep, reason = item.partition("=")
+        if not sep or not entry.strip() or not reason.strip():
+            raise ErasekitError(f"--not-run takes ENTRY=REASON, not {item!r}")
+        out[entry.strip()] = reason.strip()
+    return out
+
+
+def _concepts(args: argparse.Namespace) -> tuple[list[str], int | None]:
+    from erasekit.bench import sample_concepts
+    from erasekit.minicanvas.world import OBJECT_NAMES, STYLE_NAMES
+
+    if args.concepts:
+        return _split(args.concepts), None
+    return sample_concepts(args.seed, args.n_styles, args.n_objects, STYLE_NAMES, OBJECT_NAMES), args.seed
+
+
+def _classifier(args: argparse.Namespace) -> Any:
+    if args.classifier is None:
+        return None
+    from erasekit.evaluation.classifiers import load_classifier_folder
+
+    return load_classifier_folder(args.classifier, device=args.device)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The canonical command line that reproduces this leaderboard (every result-deciding flag spelled out)."""
+    parts = ["erasekit", "bench", "--model", args.model, "--methods", args.methods]
+    if args.presets:
+        parts += ["--presets", args.presets]
+    if args.concepts:
+        parts += ["--concepts", args.concepts]
+    else:
+        parts += [
+            "--n-styles",
+            str(args.n_styles),
+            "--n-objects",
+            str(args.n_objects),
+            "--seed",
+            str(args.seed),
+        ]
+    parts += ["--seeds", str(args.seeds)]
+    parts += ["--steps", str(args.steps)] if args.steps is not None else []
+    parts += ["--classifier", args.classifier] if args.classifier else []
+    for item in args.not_run:
+        parts += ["--not-run", item]
+    parts += ["--batch-size", str(args.batch_size), "--out", args.out]
+    return shlex.join(parts)
+
+
+def _log(line: str) -> None:
+    import time
+
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
