@@ -161,6 +161,20 @@ def test_ring_a_bell_runs_on_a_text_encoder_only_folder(tiny_sd15_te_dir, tmp_pa
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["budget"]["population"] == 8
 
 
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_ring_a_bell_on_other_families_text_encoders(tiny_model_dir, family):
+    """SD2 pads with "!" and SDXL has two CLIP encoders, whose distances are summed."""
+    from erasekit.attacks.ring_a_bell import ring_a_bell
+    from erasekit.models.loading import load
+    from tests.conftest import TE_ONLY
+
+    te = load(tiny_model_dir(family, TE_ONLY[family]))
+    config = make_budget("ring-a-bell", overrides={"prompts": 1, "population": 8, "generations": 6})
+    result = ring_a_bell(target_for(te, n=1), config)
+    curve = result.history["best_fitness_0"]
+    assert curve[-1] < curve[0] and len(result.candidates) == 1
+
+
 # ---- UnlearnDiffAtk --------------------------------------------------------------------------------------
 
 
@@ -315,6 +329,19 @@ def test_nsfw_attacks_score_with_a_nudenet_preset(model, tmp_path):
                          steps=2, nudenet=fake_nudenet)  # fmt: skip
     assert metrics["concept_type"] == "nsfw" and metrics["detector"]["preset"] == "hirm"
     assert (metrics["ASR_images"], metrics["ASR"]) == (50.0, 100.0)
+
+
+def test_budgets_must_be_equal_to_compare_runs(model, tmp_path):
+    from erasekit.attacks.run import check_equal_budgets, run_attack
+
+    kw = {"steps": 2, "classifier": fake_classifier()}
+    run_attack(model, "neon", "seed-search", tmp_path / "a", budget={"prompts": 1, "search_seeds": 2}, **kw)
+    run_attack(model, "neon", "seed-search", tmp_path / "b", patches=[te_patch(model)],
+               budget={"prompts": 1, "search_seeds": 2}, **kw)  # fmt: skip
+    assert check_equal_budgets([tmp_path / "a", tmp_path / "b"])["seed-search"]["budget"]["search_seeds"] == 2
+    run_attack(model, "neon", "seed-search", tmp_path / "c", budget={"prompts": 1, "search_seeds": 3}, **kw)
+    with pytest.raises(ErasekitError, match="different budget"):
+        check_equal_budgets([tmp_path / "a", tmp_path / "c"])
 
 
 def test_an_existing_run_is_never_clobbered(model, tmp_path):

@@ -86,3 +86,37 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert max(ImageStat.Stat(image).stddev) > 10
     # the bar chart and image grids put colour on the page, not only grey text
     assert any(abs(r - g) > 40 or abs(g - b) > 40 for r, g, b in image.resize((120, 140)).getdata())
+
+
+def _fake_run(root, name, protocol, metrics, entries):
+    """A finished run directory written by hand: metrics, record, manifest and 8x8 PNGs."""
+    import json
+
+    from PIL import Image
+
+    run = root / name
+    (run / "images").mkdir(parents=True)
+    for i, e in enumerate(entries):
+        Image.new("RGB", (8, 8), (30 * i, 90, 150)).save(run / e["file"])
+    (run / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "record.json").write_text(json.dumps({"protocol": protocol, "patches": []}))
+    return run
+
+
+def test_report_groups_image_grids_by_protocol(tmp_path):
+    def entry(key, meta):
+        return {"key": key, "prompt": f"prompt {key}", "seed": 1, "file": f"images/{key}.png", "meta": meta}
+
+    nsfw = _fake_run(tmp_path, "nsfw", "nsfw", {"attack_success_rate": 50.0},
+                     [entry(f"p{i}", {"set": "prompts"}) for i in range(3)])  # fmt: skip
+    canvas = _fake_run(tmp_path, "mc", "minicanvas", {"UA": 75.0, "target": "neon"},
+                       [entry("a", {"set": "grid", "object": "star", "style": "neon"}),
+                        entry("b", {"set": "grid", "object": "star", "style": "pixel"})])  # fmt: skip
+    page = write_report([nsfw, canvas], tmp_path / "r.html").read_text()
+    tags = _Tags()
+    tags.feed(page)
+    text = " ".join(tags.text)
+    assert "nsfw: Images" in text and "minicanvas: Target: neon" in text and "minicanvas: Retained" in text
+    assert "nudity rate (ASR)" in text and "75" in text
+    assert len(tags.srcs) == 3 + 1 + 1 + 1  # nsfw grid, target row, retained row, bar chart

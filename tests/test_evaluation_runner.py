@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from erasekit.errors import ErasekitError
 from erasekit.evaluation.runner import Job, Sampling, generate, grid, read_manifest
@@ -119,3 +120,17 @@ def test_two_gloo_processes_merge_into_the_single_process_output(tmp_path):
     ).read_text()
     assert _pixels(tmp_path / "two") == _pixels(tmp_path / "one")
     assert not list((tmp_path / "two").glob("manifest.part-*"))
+
+
+def test_the_safety_checker_is_off_while_generating_and_restored(pipe, tmp_path):
+    class Checker(torch.nn.Module):  # would black out every image if it were called
+        def forward(self, *args, **kwargs):
+            raise AssertionError("the safety checker ran")
+
+    checker = Checker()
+    pipe.safety_checker = checker
+    try:
+        generate(pipe, shard_jobs()[:1], tmp_path, SAMPLING)
+        assert pipe.safety_checker is checker
+    finally:
+        pipe.safety_checker = None

@@ -176,3 +176,14 @@ def test_base_generations_are_classified_correctly():
     )
     assert len(result.cells) == 12
     assert result.object_accuracy >= 75 and result.style_accuracy >= 75
+
+
+def test_rebuilding_the_classifier_reproduces_the_full_run(tmp_path):
+    from erasekit.minicanvas.build import rebuild_classifier, train_minicanvas
+    from erasekit.minicanvas.train import TrainConfig
+
+    cfg = TrainConfig.quick(seed=2)
+    train_minicanvas(tmp_path, cfg, eval_seeds=0)
+    first = (tmp_path / "classifier.safetensors").read_bytes()
+    rebuild_classifier(tmp_path, cfg)
+    assert (tmp_path / "classifier.safetensors").read_bytes() == first

@@ -17,6 +17,7 @@ def model_latents(
     pipe: Any, prompts: Sequence[str], seeds: Sequence[int], plan: SamplingPlan
 ) -> torch.Tensor:
     """Clean latents ``[N, C, h, w]`` the pipeline (as it currently is) generates for each (prompt, seed)."""
+    pipe.set_progress_bar_config(disable=True)
     out = []
     for prompt, seed in zip(prompts, seeds):
         latents = pipe(

@@ -65,6 +65,8 @@ def run_attack(
         The metrics written to ``RUN/metrics.json``.
     """
     spec = get_attack(attack)
+    if not concept.strip():
+        raise ErasekitError("a concept must be a non-empty string")
     concept_type = concept_type or guess_type(concept)
     config = make_budget(attack, preset, concept_type, budget)
     check_output_dir(out, overwrite)
@@ -217,3 +219,25 @@ def _finish(
         metrics=metrics,
     )
     rec.finish_run(out, metrics, record)
+
+
+def check_equal_budgets(runs: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
+    """Read the ``metrics.json`` of attack runs and refuse to compare runs of one attack with different budgets.
+
+    Returns:
+        ``{attack: {"budget": ..., "sampling": ...}}``, shared by every run of that attack.
+    """
+    import json
+
+    shared: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        file = Path(run) / "metrics.json"
+        if not file.is_file():
+            raise ErasekitError(f"{run} is not a finished attack run (no metrics.json)")
+        m = json.loads(file.read_text("utf-8"))
+        setting = {"budget": m["budget"], "sampling": m["sampling"]}
+        if shared.setdefault(m["attack"], setting) != setting:
+            raise ErasekitError(
+                f"{run}: {m['attack']} ran with a different budget or sampling than an earlier run"
+            )
+    return shared

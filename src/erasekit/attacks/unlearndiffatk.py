@@ -66,9 +66,8 @@ def project_simplex(w: torch.Tensor) -> torch.Tensor:
     u, _ = w.sort(dim=-1, descending=True)
     css = u.cumsum(-1) - 1.0
     ranks = torch.arange(1, w.shape[-1] + 1, device=w.device, dtype=w.dtype)
-    rho = (
-        ((u - css / ranks) > 0).to(w.dtype).mul(ranks).argmax(-1, keepdim=True)
-    )  # last index that stays positive
+    positive = (u - css / ranks) > 0  # [k, V], true up to the support size rho
+    rho = (positive.to(w.dtype) * ranks).argmax(-1, keepdim=True)  # [k, 1], index of the last true
     theta = css.gather(-1, rho) / (rho + 1).to(w.dtype)  # [k, 1]
     return (w - theta).clamp_min(0.0)
 

@@ -94,8 +94,9 @@ class ImageClassifier:
     @torch.no_grad()
     def features(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
         """Penultimate features ``[N, D]`` (float64), e.g. for FID."""
+        device = next(self.module.parameters()).device
         chunks = [
-            self.module.features(self.to_input(images[i : i + batch_size]))
+            self.module.features(self.to_input(images[i : i + batch_size]).to(device)).cpu()
             for i in range(0, len(images), batch_size)
         ]
         return torch.cat(chunks).double()

@@ -99,6 +99,7 @@ def run_protocol(
         **asdict(sampling),
         "seeds": seeds,
         "scheduler_used": scheduler_info(pipeline, sampling.scheduler),
+        "safety_checker": "off while generating" if getattr(pipeline, "safety_checker", None) else "none",
     }
     record = rec.build_record(
         protocol=protocol,

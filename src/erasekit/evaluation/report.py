@@ -44,7 +44,7 @@ GRID_ROWS = 6
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fff}
 h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:2px solid #ddd}
-table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+table{border-collapse:collapse;margin:8px 0;font-size:.9em}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f2f2f2}td.l,th.l{text-align:left}
 img.g{width:96px;height:96px;image-rendering:pixelated;display:block}
 .cap{font-size:.75em;color:#555;max-width:220px;text-align:left}
@@ -169,16 +169,27 @@ def _data_uri(png: bytes) -> str:
 
 
 def _image_sections(runs: list[dict[str, Any]], labels: list[str]) -> list[str]:
-    """Image grids: one row per prompt and seed, one column per run that has that image."""
+    """Image grids per protocol: one row per prompt and seed, one column per run of that protocol."""
+    protocols = list(dict.fromkeys(r["record"].get("protocol", "") for r in runs))
+    sections = []
+    for protocol in protocols:
+        idx = [i for i, r in enumerate(runs) if r["record"].get("protocol", "") == protocol]
+        prefix = f"{protocol}: " if len(protocols) > 1 else ""
+        sections += _protocol_images([runs[i] for i in idx], [labels[i] for i in idx], prefix)
+    return sections
+
+
+def _protocol_images(runs: list[dict[str, Any]], labels: list[str], prefix: str) -> list[str]:
+    """Target vs retained rows when the runs have a MiniCanvas target, else a spread of the first run's images."""
     target = next((r["metrics"].get("target") for r in runs if r["metrics"].get("target")), None)
     entries = [e for e in runs[0]["manifest"] if e.get("meta", {}).get("set", "grid") in ("grid", "prompts")]
     if target is None:
-        return [_grid("Images", _spread(entries), runs, labels)]
+        return [_grid(f"{prefix}Images", _spread(entries), runs, labels)]
     hit = [e for e in entries if target in (e["meta"].get("object"), e["meta"].get("style"))]
     kept = [e for e in entries if e not in hit]
     return [
-        _grid(f"Target: {target}", _spread(hit), runs, labels),
-        _grid("Retained concepts", _spread(kept), runs, labels),
+        _grid(f"{prefix}Target: {target}", _spread(hit), runs, labels),
+        _grid(f"{prefix}Retained concepts", _spread(kept), runs, labels),
     ]
 
 

@@ -6,8 +6,8 @@ manifest. A restarted run skips every image that is already in the manifest and 
 Determinism: each image gets its own CPU ``torch.Generator`` seeded with its seed, passed to the pipeline's own
 ``__call__`` as ``generator=[...]``; diffusers draws each image's initial noise from its own generator, so an image
 does not depend on the batch it lands in (batched float arithmetic may differ in the last bit, which PNG's 8-bit
-rounding absorbs in practice; the tests check equal PNGs across batch sizes). Noise is drawn on the CPU, so it is
-the same on every device.
+rounding absorbs almost always; see docs/evaluation.md). Noise is drawn on the CPU, so it is the same on every
+device. A pipeline's safety checker is switched off while generating: the evaluation measures the model.
 
 Sharding: when ``torch.distributed`` is initialised (``torchrun``, ``accelerate launch``), rank ``r`` of ``w``
 takes jobs ``r, r + w, r + 2w, ...`` of the full list, writes ``manifest.part-<r>.jsonl``, and rank 0 merges the
@@ -126,7 +126,7 @@ def generate(
     rank, world = shard()
     done = {e["key"] for e in read_manifest(out) if (out / e["file"]).is_file()}
     mine = [j for j in jobs[rank::world] if j.key not in done]
-    with _scheduler(pipeline, sampling.scheduler):
+    with _scheduler(pipeline, sampling.scheduler), _no_safety_checker(pipeline):
         _run_batches(pipeline, mine, out, sampling, batch_size, out / f"manifest.part-{rank}.jsonl")
     barrier(world)
     if rank == 0:
@@ -206,6 +206,21 @@ def _scheduler(pipeline: Any, name: str | None) -> Iterator[None]:
         yield
     finally:
         pipeline.scheduler = saved
+
+
+@contextlib.contextmanager
+def _no_safety_checker(pipeline: Any) -> Iterator[None]:
+    """Evaluate the model, not its output filter: SD's safety checker (which blacks out images it flags) is
+    switched off during generation and put back afterwards."""
+    checker = getattr(pipeline, "safety_checker", None)
+    if checker is None:
+        yield
+        return
+    pipeline.safety_checker = None
+    try:
+        yield
+    finally:
+        pipeline.safety_checker = checker
 
 
 def scheduler_info(pipeline: Any, name: str | None) -> dict[str, Any]:

@@ -127,6 +127,53 @@ def train_minicanvas(
     return record
 
 
+def _replay_init(cfg: TrainConfig) -> None:
+    """Leave torch's global generator as :func:`train_minicanvas` leaves it just before building the classifier."""
+    from erasekit.minicanvas.models import ImageTower, TextHead, build_text_encoder, build_vae
+
+    torch.manual_seed(cfg.seed)
+    build_text_encoder(cfg.sizes)
+    ImageTower(cfg.sizes.classifier_width, cfg.sizes.embed_dim)
+    TextHead(cfg.sizes.text_hidden, cfg.sizes.embed_dim)
+    build_vae(cfg.sizes)
+
+
+def rebuild_classifier(folder: str | Path, cfg: TrainConfig, log: Log = lambda _: None) -> dict[str, float]:
+    """Re-run only the classifier stage against a trained folder's VAE, and replace its classifier.
+
+    With the config and seed of the full run, the result is the classifier :func:`train_minicanvas` makes
+    (the stage's data, VAE reconstructions, initialisation and generator are all replayed).
+
+    Returns:
+        held-out accuracy ``{"object", "style"}`` in percent (also written into ``training.json``).
+    """
+    import json
+
+    from diffusers import AutoencoderKL
+
+    from erasekit.minicanvas.data import render_set
+    from erasekit.minicanvas.evaluate import heldout_accuracy
+    from erasekit.minicanvas.train import encode_latents, reconstruct, train_classifier
+
+    folder = Path(folder)
+    rngs = _seeds(cfg.seed)
+    data = render_set(cfg.per_cell, rngs["render_train"])
+    heldout = render_set(cfg.heldout_per_cell, rngs["render_heldout"], desc="render held-out")
+    vae = AutoencoderKL.from_pretrained(folder / PIPELINE_DIR / "vae", torch_dtype=torch.float32).eval()
+    recon = reconstruct(vae, encode_latents(vae, data.images)[0])
+    _replay_init(cfg)
+    classifier = train_classifier(data, recon, cfg, rngs["classifier"], log)
+    accuracy = heldout_accuracy(classifier, heldout)
+    classifier.save(folder)
+    record_file = folder / TRAINING_FILE
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+        record["config"] = cfg.to_dict()
+        record["quality"]["classifier_heldout"] = accuracy
+        atomic_write_json(record_file, record)
+    return accuracy
+
+
 def _save(out: Path, pipe: Any, classifier: Any) -> None:
     """Write the pipeline as fp16 safetensors and the classifier as fp32 safetensors."""
     pipe.to(torch.float16)

@@ -1,0 +1,215 @@
+"""``erasekit bench``: entries, concept sampling, stacking, resuming, and the leaderboard's arithmetic."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from erasekit.bench import BenchSettings, Entry, parse_entries, run_bench, sample_concepts, stack
+from erasekit.bench.board import Board, aggregate, markdown, table_rows
+from erasekit.bench.cells import Bench, open_bench
+from erasekit.bench.memory import PeakMemory
+from erasekit.cli.main import main
+from erasekit.errors import ErasekitError
+from erasekit.minicanvas.world import OBJECT_NAMES, STYLE_NAMES
+from erasekit.registry import erase
+from tests.fixtures.evaluation_tiny import (
+    OBJECTS,
+    STYLES,
+    fake_classifier,
+    one_thread,  # noqa: F401  (autouse: tiny models on one thread)
+    tiny_model,
+)
+
+GRID = BenchSettings(seeds=1, steps=2, objects=OBJECTS, styles=STYLES)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+# ---- entries and concepts ----------------------------------------------------------------------------------
+
+
+def test_concept_sampling_is_deterministic_given_the_seed():
+    first = sample_concepts(0, 3, 3, STYLE_NAMES, OBJECT_NAMES)
+    assert first == sample_concepts(0, 3, 3, STYLE_NAMES, OBJECT_NAMES)
+    assert set(first[:3]) <= set(STYLE_NAMES) and set(first[3:]) <= set(OBJECT_NAMES) and len(set(first)) == 6
+    picks = {tuple(sample_concepts(seed, 3, 3, STYLE_NAMES, OBJECT_NAMES)) for seed in range(5)}
+    assert len(picks) > 1  # the seed matters
+    assert sample_concepts(0, 3, 0, STYLE_NAMES, OBJECT_NAMES) == first[:3]
+    with pytest.raises(ErasekitError, match="cannot choose 13 styles"):
+        sample_concepts(0, 13, 0, STYLE_NAMES, OBJECT_NAMES)
+
+
+def test_entries_expand_presets_and_parse_stacks():
+    entries = parse_entries(["hirm-r", "uce", "hirm-r+uce", "hirm-r:paper"], presets=["paper", "default"])
+    assert [e.label for e in entries] == [
+        "hirm-r:paper",
+        "hirm-r:default",
+        "uce:paper",  # uce has no "default" preset
+        "hirm-r:default+uce:paper",  # stacked parts take each method's default preset
+    ]
+    assert [e.label for e in parse_entries(["esd-x"])] == ["esd-x:paper"]
+    assert Entry(()).label == "base" and entries[3].slug == "hirm-r_default+uce_paper"
+    for bad, match in (("nope", "unknown method"), ("uce:fast", "no preset"), ("hirm-r+", "empty method")):
+        with pytest.raises(ErasekitError, match=match):
+            parse_entries([bad])
+
+
+# ---- stacking --------------------------------------------------------------------------------------------
+
+
+def test_stacking_composes_disjoint_patches_and_refuses_conflicting_ones(model):
+    te = erase(model, ["neon"], "hirm-r", "paper", concept_type="style")
+    unet = erase(model, ["neon"], "uce", "paper", concept_type="style")
+    both = stack([te, unet], "hirm-r+uce")
+    assert set(both.tensors) == set(te.tensors) | set(unet.tensors)
+    assert both.components == ["text_encoder", "unet"]
+    for part in (te, unet):
+        assert all(torch.equal(both.tensors[k], v) for k, v in part.tensors.items())
+    other_te = erase(model, ["neon"], "hirm-s", "paper", concept_type="style")
+    with pytest.raises(ErasekitError, match="cannot stack hirm-r\\+hirm-s: .*changed by more than one patch"):
+        stack([te, other_te], "hirm-r+hirm-s")
+
+
+def test_a_stack_naming_one_method_twice_is_refused(model, tmp_path):
+    bench = Bench(model, tmp_path, GRID, fake_classifier())
+    with pytest.raises(ErasekitError, match="names a method twice"):
+        bench.entry_patch(parse_entries(["uce:paper+uce:paper"])[0], "neon", "style")
+
+
+# ---- running and resuming ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(model, tmp_path_factory):
+    """A finished two-row leaderboard (base, uce, hirm-r+uce) on one style and one object of the tiny grid."""
+    out = tmp_path_factory.mktemp("bench") / "lb"
+    entries = parse_entries(["uce:paper", "hirm-r:paper+uce:paper"])
+    board = run_bench(model, out, entries, ["neon", "star"], settings=GRID, classifier=fake_classifier(),
+                      batch_size=16, not_run={"esd-x:paper": "too slow"}, command="erasekit bench ...")  # fmt: skip
+    return out, board
+
+
+def test_a_run_writes_one_cell_per_entry_and_concept(finished):
+    out, board = finished
+    cells = {(c["entry"], c["concept"]): c for c in board.cells}
+    assert set(cells) == {
+        (e, c) for e in ("base", "uce:paper", "hirm-r:paper+uce:paper") for c in ("neon", "star")
+    }
+    for (_, concept), cell in cells.items():
+        saved = json.loads((out / cell["run"] / "metrics.json").read_text())
+        assert json.loads((out / "cells" / Entry(()).slug / "neon.json").read_text())["entry"] == "base"
+        assert cell["metrics"]["UA"] == pytest.approx(saved["UA"])
+        assert cell["metrics"]["UA_synonyms"] == pytest.approx(saved["generality"]["UA_synonyms"])
+        assert cell["concept_type"] == ("style" if concept == "neon" else "object")
+    stacked, single = cells[("hirm-r:paper+uce:paper", "neon")], cells[("uce:paper", "neon")]
+    assert stacked["patch"]["components"] == ["text_encoder", "unet"] and stacked["erase_seconds"] > 0
+    assert stacked["erase_seconds"] > single["erase_seconds"]  # the stack's parts add up
+    assert cells[("base", "neon")]["erase_seconds"] is None and cells[("base", "neon")]["patch"] is None
+    text = (out / "leaderboard.md").read_text()
+    assert "not run: too slow" in text and "erasekit bench ..." in text and "Partial" not in text
+    assert (out / "report.html").read_text().count("<img") >= 3
+
+
+def test_restart_skips_finished_cells(finished, model, monkeypatch):
+    import erasekit.evaluation.canvas as canvas
+    import erasekit.registry as registry
+
+    out, board = finished
+    monkeypatch.setattr(registry, "erase", lambda *a, **k: pytest.fail("a finished cell was erased again"))
+    monkeypatch.setattr(canvas, "evaluate_minicanvas", lambda *a, **k: pytest.fail("evaluated again"))
+    again = Bench(model, out, GRID, fake_classifier()).run(parse_entries(["uce:paper"]), ["neon", "star"])
+    assert again == [c for c in board.cells if c["entry"] in ("base", "uce:paper")]
+    # a cell whose JSON was lost is rebuilt from its saved patch and its finished evaluation run
+    lost = out / "cells" / "uce_paper" / "neon.json"
+    before = json.loads(lost.read_text())
+    lost.unlink()
+    cell = Bench(model, out, GRID, fake_classifier()).run_cell(
+        parse_entries(["uce:paper"])[0], "neon", "style"
+    )
+    assert cell["metrics"] == before["metrics"] and cell["erase_seconds"] == before["erase_seconds"]
+
+
+def test_a_directory_of_other_settings_or_content_is_refused(finished, tmp_path):
+    out, _ = finished
+    identity = json.loads((out / "bench.json").read_text())["identity"]
+    assert open_bench(out, identity) == out  # same settings: resumed
+    with pytest.raises(ErasekitError, match="another model or settings"):
+        open_bench(out, {**identity, "settings": {"seeds": 2}})
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(ErasekitError, match="not an erasekit leaderboard"):
+        open_bench(tmp_path / "x", identity, overwrite=True)
+
+
+def test_concepts_off_the_grid_are_refused(model, tmp_path):
+    for concepts, match in ((["neon", "neon"], "twice"), (["vintage"], "not a style of the evaluation grid"),
+                            (["dragon"], "unknown MiniCanvas concept")):  # fmt: skip
+        with pytest.raises(ErasekitError, match=match):
+            run_bench(model, tmp_path / "o", [], concepts, settings=GRID, classifier=fake_classifier())
+
+
+# ---- the table -------------------------------------------------------------------------------------------
+
+
+def synthetic_cell(entry: str, concept: str, ua: float, seconds: float | None) -> dict:
+    metrics = {"UA": ua, "IRA": 100 - ua / 2, "CRA": 90.0, "UA_synonyms": ua - 10}
+    return {"entry": entry, "concept": concept, "metrics": metrics, "erase_seconds": seconds,
+            "peak_memory_mb": None if seconds is None else 2 * seconds}  # fmt: skip
+
+
+def test_means_and_spreads_come_from_the_cells():
+    concepts = {"style": ["neon", "pixel", "sketch"], "object": ["star", "cup"]}
+    cells = [synthetic_cell("base", c, 5.0, None) for c in [*concepts["style"], *concepts["object"]]]
+    cells += [synthetic_cell("hirm-r:paper", c, ua, 3.0 + i) for i, (c, ua) in
+              enumerate(zip(concepts["style"], (60.0, 80.0, 100.0)))]  # fmt: skip
+    cells += [synthetic_cell("hirm-r:paper", "star", 40.0, 2.0)]  # "cup" never finished
+    board = Board(labels=("base", "hirm-r:paper", "advunlearn:paper"), concepts=concepts, cells=cells,
+                  not_run={"advunlearn:paper": "1000 iterations ≈ 40 min per concept"}, command="erasekit bench")  # fmt: skip
+    stats = aggregate(board)
+    style = stats["hirm-r:paper"]["style"]
+    assert style["n"] == 3 and style["UA"] == pytest.approx((80.0, statistics.stdev([60.0, 80.0, 100.0])))
+    assert style["IRA"][0] == pytest.approx(60.0) and style["erase_seconds"] == pytest.approx((4.0, 1.0))
+    assert stats["hirm-r:paper"]["object"]["UA"] == (40.0, None) and stats["hirm-r:paper"]["object"]["n"] == 1
+    assert stats["base"]["style"]["erase_seconds"] == (None, None)
+    rows = {r[0]: r for r in table_rows(board, "style")}
+    assert rows["hirm-r:paper"][:4] == ["hirm-r:paper", "3/3", "80.0 ± 20.0", "60.0 ± 10.0"]
+    assert rows["base"][1:3] == ["3/3", "5.0 ± 0.0"] and rows["base"][-2:] == ["–", "–"]
+    assert rows["advunlearn:paper"][1] == "not run: 1000 iterations ≈ 40 min per concept"
+    text = markdown(board)
+    assert "| hirm-r:paper | 1/2 | 40.0 |" in text  # objects: one of two finished, no spread
+    assert "**Partial:** 1 cell(s)" in text and "`hirm-r:paper` on cup" in text
+    assert text.index("## Styles: neon, pixel, sketch") < text.index("## Objects: star, cup")
+    assert "```\nerasekit bench\n```" in text
+
+
+def test_peak_memory_sees_an_allocation_inside_the_block():
+    with PeakMemory() as mem:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    if mem.extra_mb is None:
+        pytest.skip("no /proc/self/statm here")
+    assert mem.extra_mb >= 48
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--methods", "nope"], "unknown method"),
+        (["--methods", "uce", "--not-run", "esd-x"], "ENTRY=REASON"),
+        (["--methods", "uce", "--n-styles", "20"], "cannot choose 20 styles"),
+    ],
+)
+def test_cli_errors_are_one_line(capsys, tmp_path, argv, match):
+    code = main(["--quiet", "bench", "--model", str(tmp_path / "none"), *argv, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and match in err, err
