@@ -21,7 +21,7 @@ ATTACKS = ("encoder-swap", "random-probe", "ring-a-bell", "seed-search", "synony
 TINY = {  # budgets small enough for a test, equal in spirit across attacks: one or two base prompts
     "ring-a-bell": {"prompts": 2, "population": 8, "generations": 4},
     "unlearndiffatk": {"prompts": 1, "iterations": 3},
-    "textual-inversion": {"prompts": 2, "images": 2, "steps": 3},
+    "textual-inversion": {"prompts": 2, "images": 2, "train_steps": 3},
     "encoder-swap": {"prompts": 2},
     "synonyms": {"prompts": 2},
     "random-probe": {"prompts": 2, "probes": 2},
@@ -215,7 +215,9 @@ def test_unlearndiffatk_lowers_the_erased_models_loss(model):
 def test_textual_inversion_lowers_the_loss_and_learns_an_embedding(model):
     from erasekit.attacks.textual_inversion import textual_inversion
 
-    config = make_budget("textual-inversion", overrides={"prompts": 2, "images": 2, "steps": 12, "lr": 0.05})
+    config = make_budget(
+        "textual-inversion", overrides={"prompts": 2, "images": 2, "train_steps": 12, "lr": 0.05}
+    )
     result = textual_inversion(target_for(model, te_patch(model)), config)
     assert result.stats["loss_after"] < result.stats["loss_before"]
     assert result.stats["cosine_to_init"] < 0.999  # it moved
@@ -243,6 +245,18 @@ def test_encoder_swap_restores_the_base_text_encoder_exactly(model):
     with te.applied(model):
         assert not torch.equal(encode_prompts(pipe, prompts), base_text)
     assert encoder_swap(target_for(model, te), make_budget("encoder-swap")).patch is None
+
+
+def test_encoder_swap_undoes_hirm_but_keeps_a_stacked_unet_method(model):
+    from erasekit.attacks.encoder_swap import encoder_swap
+    from erasekit.registry import erase
+
+    hirm = erase(model, ["neon"], "hirm-r", concept_type="style", steps=2)
+    uce = erase(model, ["neon"], "uce", concept_type="style")
+    alone = encoder_swap(target_for(model, hirm), make_budget("encoder-swap"))
+    assert alone.patch is None and alone.stats["dropped_tensors"] == len(hirm.tensors) > 0
+    stacked = encoder_swap(target_for(model, Patch.compose([hirm, uce])), make_budget("encoder-swap"))
+    assert set(stacked.patch.tensors) == set(uce.tensors)
 
 
 # ---- probes ----------------------------------------------------------------------------------------------
@@ -382,6 +396,18 @@ def test_cli_errors_exit_2_with_one_line(tiny_sd15_dir, tmp_path, capsys, args, 
     assert main(["attack", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_cli_budget_values_are_typed():
+    from erasekit.attacks.probes import SynonymsConfig
+    from erasekit.attacks.ring_a_bell import RingABellConfig
+    from erasekit.cli.attack import parse_budget
+
+    assert parse_budget(["names=a, b", "paraphrases=false"], SynonymsConfig) == {
+        "names": ("a", "b"),
+        "paraphrases": False,
+    }
+    assert parse_budget(["eta=0.5", "population=12"], RingABellConfig) == {"eta": 0.5, "population": 12}
 
 
 def test_cli_attack_writes_a_run(tiny_sd15_dir, tmp_path, capsys):

@@ -136,6 +136,15 @@ def test_restart_skips_finished_cells(finished, model, monkeypatch):
     assert cell["metrics"] == before["metrics"] and cell["erase_seconds"] == before["erase_seconds"]
 
 
+def test_a_conflicting_stack_fails_alone_and_is_reported(finished, model):
+    out, _ = finished
+    bench = Bench(model, out, GRID, fake_classifier())
+    cells = bench.run(parse_entries(["hirm-r:paper+hirm-s:paper"]), ["neon"])
+    assert [c["entry"] for c in cells] == ["base"]
+    assert "cannot stack" in bench.failures[("hirm-r:paper+hirm-s:paper", "neon")]
+    assert not (out / "cells" / "hirm-r_paper+hirm-s_paper" / "neon.json").exists()
+
+
 def test_a_directory_of_other_settings_or_content_is_refused(finished, tmp_path):
     out, _ = finished
     identity = json.loads((out / "bench.json").read_text())["identity"]
@@ -171,7 +180,8 @@ def test_means_and_spreads_come_from_the_cells():
               enumerate(zip(concepts["style"], (60.0, 80.0, 100.0)))]  # fmt: skip
     cells += [synthetic_cell("hirm-r:paper", "star", 40.0, 2.0)]  # "cup" never finished
     board = Board(labels=("base", "hirm-r:paper", "advunlearn:paper"), concepts=concepts, cells=cells,
-                  not_run={"advunlearn:paper": "1000 iterations ≈ 40 min per concept"}, command="erasekit bench")  # fmt: skip
+                  not_run={"advunlearn:paper": "1000 iterations ≈ 40 min per concept"}, command="erasekit bench",
+                  failed={("hirm-r:paper", "cup"): "boom"})  # fmt: skip
     stats = aggregate(board)
     style = stats["hirm-r:paper"]["style"]
     assert style["n"] == 3 and style["UA"] == pytest.approx((80.0, statistics.stdev([60.0, 80.0, 100.0])))
@@ -184,7 +194,7 @@ def test_means_and_spreads_come_from_the_cells():
     assert rows["advunlearn:paper"][1] == "not run: 1000 iterations ≈ 40 min per concept"
     text = markdown(board)
     assert "| hirm-r:paper | 1/2 | 40.0 |" in text  # objects: one of two finished, no spread
-    assert "**Partial:** 1 cell(s)" in text and "`hirm-r:paper` on cup" in text
+    assert "**Partial:** 1 cell(s)" in text and "`hirm-r:paper` on cup (failed: boom)" in text
     assert text.index("## Styles: neon, pixel, sketch") < text.index("## Objects: star, cup")
     assert "```\nerasekit bench\n```" in text
 

@@ -87,6 +87,7 @@ def run_bench(
     bench = Bench(model, out, settings, classifier, batch_size, log)
     cells = bench.run([e for e in entries if e.label not in not_run], concepts)
     board = Board(labels=(BASE, *labels), concepts=by_kind, cells=cells, not_run=not_run, command=command,
+                  failed=bench.failures,
                   notes=_notes(settings, concept_seed, model.source))  # fmt: skip
     atomic_write_text(out / "leaderboard.md", markdown(board))
     write_html(board, out, out / "report.html")

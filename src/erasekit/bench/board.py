@@ -39,6 +39,7 @@ class Board:
         concepts: ``{kind: [concept, ...]}`` for ``style`` and ``object``.
         cells: the finished cells (dicts as written by :mod:`erasekit.bench`).
         not_run: ``{label: reason}`` for entries deliberately not run (shown as such).
+        failed: ``{(label, concept): reason}`` of cells that failed (they count as missing).
         command: the exact command that reproduces the board.
         notes: extra lines for the page (settings, hardware).
     """
@@ -47,6 +48,7 @@ class Board:
     concepts: dict[str, list[str]]
     cells: list[dict[str, Any]]
     not_run: dict[str, str] = field(default_factory=dict)
+    failed: dict[tuple[str, str], str] = field(default_factory=dict)
     command: str = ""
     notes: tuple[str, ...] = ()
 
@@ -136,7 +138,7 @@ def markdown(board: Board, title: str = "MiniCanvas leaderboard") -> str:
     missing = board.missing()
     if missing:
         lines += [f"> **Partial:** {len(missing)} cell(s) did not finish: "
-                  + ", ".join(f"`{m}` on {c}" for m, c in missing) + ".", ""]  # fmt: skip
+                  + ", ".join(_missing(board, m, c) for m, c in missing) + ".", ""]  # fmt: skip
     lines += [*board.notes, ""] if board.notes else []
     header = ["method", "n", *(h for _, h, _ in COLUMNS)]
     for kind in KINDS:
@@ -148,6 +150,11 @@ def markdown(board: Board, title: str = "MiniCanvas leaderboard") -> str:
     lines += ["## Reproduce", "", "```", board.command, "```", "", "## What the numbers mean", ""]
     lines += [f"- {m}" for m in MEANINGS] + [""]
     return "\n".join(lines)
+
+
+def _missing(board: Board, label: str, concept: str) -> str:
+    reason = board.failed.get((label, concept))
+    return f"`{label}` on {concept}" + (f" (failed: {reason})" if reason else "")
 
 
 def _md_row(cells: Sequence[str]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class Bench:
         classifier: the two-head classifier (``None``: the built-in MiniCanvas one).
         batch_size: images per pipeline call (runtime only).
         log: receives one line per step (``None``: silent).
+        failures: ``{(label, concept): reason}`` of the cells that failed in :meth:`run`.
     """
 
     model: Any
@@ -54,6 +55,7 @@ class Bench:
     classifier: Any = None
     batch_size: int = 32
     log: Log | None = None
+    failures: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def say(self, line: str) -> None:
         if self.log is not None:
@@ -144,20 +146,23 @@ class Bench:
         )  # fmt: skip
 
     def run(self, entries: Sequence[Entry], concepts: Sequence[str]) -> list[dict[str, Any]]:
-        """Every entry on every concept, the base model first; cells that fail are logged and left unfinished.
+        """Every entry on every concept, the base model first; a cell that fails is logged, recorded in
+        :attr:`failures` and left unfinished (a restart tries it again).
 
         Returns:
             The finished cells (base cells included).
         """
         from erasekit.minicanvas.world import concept_kind
 
-        cells, order = [], [Entry(()), *entries]
-        for entry in order:
+        cells = []
+        for entry in [Entry(()), *entries]:
             for concept in concepts:
                 try:
                     cells.append(self.run_cell(entry, concept, concept_kind(concept)))
-                except ErasekitError as e:
-                    self.say(f"FAILED {entry.label} {concept!r}: {e}")
+                except Exception as e:  # one broken method must not cost the other cells of a long run
+                    reason = str(e) if isinstance(e, ErasekitError) else f"{type(e).__name__}: {e}"
+                    self.failures[(entry.label, concept)] = reason
+                    self.say(f"FAILED {entry.label} {concept!r}: {reason}")
         return cells
 
 
