@@ -1,7 +1,7 @@
 """MiniCanvas generation throughput by batch size, and the wall time of a full MiniCanvas evaluation.
 
-    python benchmarks/evaluation_throughput.py [--batch-sizes 1,8,32,64] [--images 64] [--full] [--invariance]
-                                                [--tiny]
+    python benchmarks/evaluation_throughput.py [--batch-sizes 1,8,32,64] [--images 64] [--threads N]
+        [--full] [--invariance] [--model DIR --classifier DIR | --tiny]
 
 Prints one line per measurement and a Markdown table for docs/benchmarks.md. ``--tiny`` measures the test suite's
 tiny pipeline instead of the shipped MiniCanvas weights (for machines without them). Throughput counts images
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 
-def _model(tiny: bool):
+def _model(tiny: bool, source: str):
     if tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from tests.fixtures.evaluation_tiny import tiny_model
@@ -27,7 +27,7 @@ def _model(tiny: bool):
         return tiny_model()
     from erasekit.models.loading import load
 
-    return load("minicanvas")
+    return load(source)
 
 
 def throughput(model, batch_sizes: list[int], images: int, steps: int) -> list[tuple[int, float]]:
@@ -73,21 +73,29 @@ def batch_invariance(model, sizes: tuple[int, int], steps: int) -> None:
           f"{worst} (8-bit levels), at most {most} of {diffs[0][2]} values in one image")  # fmt: skip
 
 
-def full_evaluation(model, batch_size: int, tiny: bool) -> tuple[float, dict]:
+def full_evaluation(model, batch_size: int, classifier) -> tuple[float, dict]:
     """Wall time of ``evaluate_minicanvas`` over the full 12 x 12 grid, 2 seeds, target ``neon`` + generality."""
     from erasekit.evaluation.canvas import evaluate_minicanvas
 
-    kwargs = {}
+    start = time.perf_counter()
+    metrics = evaluate_minicanvas(model, Path(tempfile.mkdtemp()) / "run", target="neon", seeds=2,
+                                  batch_size=batch_size, classifier=classifier)  # fmt: skip
+    return time.perf_counter() - start, metrics
+
+
+def _classifier(tiny: bool, folder: str | None):
+    """The tests' seeded stand-in (timing only) for --tiny, a classifier folder, or the built-in one (None)."""
     if tiny:
         from tests.fixtures.evaluation_tiny import fake_classifier
 
         from erasekit.minicanvas.world import OBJECT_NAMES, STYLE_NAMES
 
-        kwargs["classifier"] = fake_classifier(OBJECT_NAMES, STYLE_NAMES)  # a seeded stand-in: timing only
-    start = time.perf_counter()
-    metrics = evaluate_minicanvas(model, Path(tempfile.mkdtemp()) / "run", target="neon", seeds=2,
-                                  batch_size=batch_size, **kwargs)  # fmt: skip
-    return time.perf_counter() - start, metrics
+        return fake_classifier(OBJECT_NAMES, STYLE_NAMES)
+    if folder:
+        from erasekit.evaluation.classifiers import load_classifier_folder
+
+        return load_classifier_folder(folder)
+    return None
 
 
 def main() -> None:
@@ -99,6 +107,8 @@ def main() -> None:
     parser.add_argument("--full-batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--invariance", action="store_true", help="compare PNGs generated at batch 8 and 64")
+    parser.add_argument("--model", default="minicanvas", help="a MiniCanvas-like diffusers folder")
+    parser.add_argument("--classifier", default=None, help="classifier folder (default: the built-in one)")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny pipeline instead of MiniCanvas")
     args = parser.parse_args()
     from erasekit import progress
@@ -107,7 +117,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
-    model = _model(args.tiny)
+    model = _model(args.tiny, args.model)
     rows = throughput(model, [int(b) for b in args.batch_sizes.split(",")], args.images, args.steps)
     print("\n| batch size | images/s |\n|---:|---:|")
     for bs, rate in rows:
@@ -115,7 +125,9 @@ def main() -> None:
     if args.invariance:
         batch_invariance(model, (8, 64), args.steps)
     if args.full:
-        seconds, metrics = full_evaluation(model, args.full_batch_size, args.tiny)
+        seconds, metrics = full_evaluation(
+            model, args.full_batch_size, _classifier(args.tiny, args.classifier)
+        )
         print(f"\nfull MiniCanvas evaluation: {seconds:.1f} s, {metrics['images']} grid images, "
               f"UA={metrics['UA']:.1f} IRA={metrics['IRA']:.1f} CRA={metrics['CRA']:.1f}")  # fmt: skip
 

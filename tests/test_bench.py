@@ -90,7 +90,7 @@ def test_a_stack_naming_one_method_twice_is_refused(model, tmp_path):
 def finished(model, tmp_path_factory):
     """A finished two-row leaderboard (base, uce, hirm-r+uce) on one style and one object of the tiny grid."""
     out = tmp_path_factory.mktemp("bench") / "lb"
-    entries = parse_entries(["uce:paper", "hirm-r:paper+uce:paper"])
+    entries = parse_entries(["uce:paper", "hirm-r:paper+uce:paper", "hirm-r:default+uce:paper"])
     board = run_bench(model, out, entries, ["neon", "star"], settings=GRID, classifier=fake_classifier(),
                       batch_size=16, not_run={"esd-x:paper": "too slow"}, command="erasekit bench ...")  # fmt: skip
     return out, board
@@ -99,9 +99,8 @@ def finished(model, tmp_path_factory):
 def test_a_run_writes_one_cell_per_entry_and_concept(finished):
     out, board = finished
     cells = {(c["entry"], c["concept"]): c for c in board.cells}
-    assert set(cells) == {
-        (e, c) for e in ("base", "uce:paper", "hirm-r:paper+uce:paper") for c in ("neon", "star")
-    }
+    labels = ("base", "uce:paper", "hirm-r:paper+uce:paper", "hirm-r:default+uce:paper")
+    assert set(cells) == {(e, c) for e in labels for c in ("neon", "star")}
     for (_, concept), cell in cells.items():
         saved = json.loads((out / cell["run"] / "metrics.json").read_text())
         assert json.loads((out / "cells" / Entry(()).slug / "neon.json").read_text())["entry"] == "base"
@@ -111,6 +110,10 @@ def test_a_run_writes_one_cell_per_entry_and_concept(finished):
     stacked, single = cells[("hirm-r:paper+uce:paper", "neon")], cells[("uce:paper", "neon")]
     assert stacked["patch"]["components"] == ["text_encoder", "unet"] and stacked["erase_seconds"] > 0
     assert stacked["erase_seconds"] > single["erase_seconds"]  # the stack's parts add up
+    # hirm-r's default preset equals its paper preset today: one patch, one evaluation, two rows
+    twin = cells[("hirm-r:default+uce:paper", "neon")]
+    assert twin["same_patch_as"] == "hirm-r:paper+uce:paper" and twin["run"] == stacked["run"]
+    assert twin["metrics"] == stacked["metrics"] and twin["patch"]["sha256"] == stacked["patch"]["sha256"]
     assert cells[("base", "neon")]["erase_seconds"] is None and cells[("base", "neon")]["patch"] is None
     text = (out / "leaderboard.md").read_text()
     assert "not run: too slow" in text and "erasekit bench ..." in text and "Partial" not in text
@@ -134,6 +137,23 @@ def test_restart_skips_finished_cells(finished, model, monkeypatch):
         parse_entries(["uce:paper"])[0], "neon", "style"
     )
     assert cell["metrics"] == before["metrics"] and cell["erase_seconds"] == before["erase_seconds"]
+
+
+def test_shards_fill_one_directory_and_each_writes_what_is_finished(finished, model, monkeypatch):
+    import erasekit.evaluation.canvas as canvas
+
+    out, board = finished
+    monkeypatch.setattr(canvas, "evaluate_minicanvas", lambda *a, **k: pytest.fail("evaluated again"))
+    entries = parse_entries(["uce:paper", "hirm-r:paper+uce:paper", "hirm-r:default+uce:paper"])
+    second = run_bench(model, out, entries, ["neon", "star"], settings=GRID, classifier=fake_classifier(),
+                       shard=(1, 2))  # fmt: skip
+
+    def index(cells):
+        return {(c["entry"], c["concept"]): c["metrics"] for c in cells}
+
+    assert index(second.cells) == index(board.cells) and not second.missing()
+    with pytest.raises(ErasekitError, match="shard 2 of 2"):
+        run_bench(model, out, entries, ["neon"], settings=GRID, classifier=fake_classifier(), shard=(2, 2))
 
 
 def test_a_conflicting_stack_fails_alone_and_is_reported(finished, model):
@@ -217,6 +237,7 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
         (["--methods", "nope"], "unknown method"),
         (["--methods", "uce", "--not-run", "esd-x"], "ENTRY=REASON"),
         (["--methods", "uce", "--n-styles", "20"], "cannot choose 20 styles"),
+        (["--methods", "uce", "--shard", "3/2"], "--shard takes K/N"),
     ],
 )
 def test_cli_errors_are_one_line(capsys, tmp_path, argv, match):

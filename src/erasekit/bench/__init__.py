@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from erasekit.bench.cells import Bench, BenchSettings, Log, open_bench, write_bench_file
+from erasekit.bench.cells import Bench, BenchSettings, Log, open_bench, read_cells, write_bench_file
 from erasekit.bench.entries import BASE, Entry, check_stack, parse_entries, sample_concepts, stack
 from erasekit.errors import ErasekitError
 from erasekit.io import atomic_write_text
@@ -44,6 +44,7 @@ def run_bench(
     concept_seed: int | None = None,
     command: str = "",
     overwrite: bool = False,
+    shard: tuple[int, int] = (0, 1),
     log: Log | None = None,
 ) -> Any:
     """Run every entry (and the base model) on every concept, then write the leaderboard and the report.
@@ -61,10 +62,12 @@ def run_bench(
         concept_seed: the seed the concepts were sampled with, for the page (``None``: given by hand).
         command: the exact command that reproduces the leaderboard.
         overwrite: delete an existing leaderboard at ``out`` first.
+        shard: ``(k, n)``: run only concepts ``k, k + n, ...`` (runtime only: n processes may fill one
+            directory together; each writes the table of whatever is finished when it ends).
         log: receives one line per step.
 
     Returns:
-        The :class:`~erasekit.leaderboard.Board` written to ``out/leaderboard.md`` and ``out/report.html``.
+        The :class:`~erasekit.bench.board.Board` written to ``out/leaderboard.md`` and ``out/report.html``.
     """
     from dataclasses import asdict
 
@@ -77,15 +80,21 @@ def run_bench(
     by_kind = check_concepts(concepts, settings, classifier)
     for entry in entries:
         check_stack(entry)
-    identity = {"model": model.source, "model_sha256": model_fingerprint(model.components),
-                "classifier": classifier.source, "settings": asdict(settings)}  # fmt: skip
+    if not 0 <= shard[0] < shard[1]:
+        raise ErasekitError(f"shard {shard[0]} of {shard[1]} does not exist")
+    # Content, not names: the same weights read from another folder resume the same leaderboard.
+    identity = {"model_sha256": model_fingerprint(model.components),
+                "classifier_sha256": model_fingerprint({"classifier": classifier.module}),
+                "settings": asdict(settings)}  # fmt: skip
     out = open_bench(out, identity, overwrite)
     labels = [e.label for e in entries]
     labels += [label for label in not_run if label not in labels]
-    write_bench_file(out, identity, {"entries": labels, "concepts": list(concepts), "not_run": not_run,
-                                     "concept_seed": concept_seed, "command": command})  # fmt: skip
+    write_bench_file(out, identity, {"model": model.source, "classifier": classifier.source, "entries": labels,
+                                     "concepts": list(concepts), "not_run": not_run, "concept_seed": concept_seed,
+                                     "command": command})  # fmt: skip
     bench = Bench(model, out, settings, classifier, batch_size, log)
-    cells = bench.run([e for e in entries if e.label not in not_run], concepts)
+    bench.run([e for e in entries if e.label not in not_run], list(concepts)[shard[0] :: shard[1]])
+    cells = read_cells(out, [BASE, *labels], concepts)
     board = Board(labels=(BASE, *labels), concepts=by_kind, cells=cells, not_run=not_run, command=command,
                   failed=bench.failures,
                   notes=_notes(settings, concept_seed, model.source))  # fmt: skip

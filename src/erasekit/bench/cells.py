@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -67,8 +68,13 @@ class Bench:
     def run_dir(self, entry: Entry, concept: str) -> Path:
         return self.out / "runs" / entry.slug / slug(concept)
 
-    def patch_dir(self, part: tuple[str, str], concept: str) -> Path:
-        return self.out / "patches" / slug(f"{part[0]}:{part[1]}") / slug(concept)
+    def patch_dir(self, part: tuple[str, str], concept: str, kind: str) -> Path:
+        """Keyed by the method's full config, so presets that agree (``paper`` = ``default``) share a patch."""
+        from erasekit.registry import config_to_dict, make_config
+
+        config = config_to_dict(make_config(part[0], part[1], kind))
+        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+        return self.out / "patches" / f"{slug(part[0])}-{key}" / slug(concept)
 
     # ---- patches -----------------------------------------------------------------------------------
 
@@ -77,7 +83,7 @@ class Bench:
         from erasekit.patch import Patch
         from erasekit.registry import erase
 
-        where = self.patch_dir(part, concept)
+        where = self.patch_dir(part, concept, kind)
         cost_file = where.with_suffix(".json")
         if cost_file.is_file() and where.is_dir():
             return Patch.load(where), _read_json(cost_file)
@@ -114,35 +120,49 @@ class Bench:
         patch, cost = (None, {"erase_seconds": None, "peak_memory_mb": None})
         if entry.parts:
             patch, cost = self.entry_patch(entry, concept, kind)
-        metrics = self.evaluate(entry, concept, [patch] if patch is not None else [])
+        sha = patch.fingerprint() if patch is not None else None
+        twin = self.twin(entry, concept, sha)
+        run = self.out / twin["run"] if twin else self.run_dir(entry, concept)
+        metrics = twin["metrics"] if twin else pick_metrics(self.evaluate(run, concept, patch))
         cell = {
             "entry": entry.label,
             "parts": [list(p) for p in entry.parts],
             "concept": concept,
             "concept_type": kind,
-            "metrics": pick_metrics(metrics),
+            "metrics": metrics,
             **cost,
-            "patch": patch.summary() if patch is not None else None,
-            "run": str(self.run_dir(entry, concept).relative_to(self.out)),
+            "patch": {**patch.summary(), "sha256": sha} if patch is not None else None,
+            "same_patch_as": twin["entry"] if twin else None,
+            "run": str(run.relative_to(self.out)),
             "cell_seconds": round(time.perf_counter() - start, 2),
         }
         atomic_write_json(cell_file, cell)
         self.say(f"done {entry.label} {concept!r}: {_brief(cell)}")
         return cell
 
-    def evaluate(self, entry: Entry, concept: str, patches: list[Any]) -> dict[str, Any]:
+    def twin(self, entry: Entry, concept: str, sha: str | None) -> dict[str, Any] | None:
+        """A finished cell of another entry on ``concept`` whose patch is the very same (its run is reused)."""
+        if sha is None:
+            return None
+        for file in sorted((self.out / "cells").glob(f"*/{slug(concept)}.json")):
+            cell = _read_json(file)
+            if cell["entry"] != entry.label and (cell.get("patch") or {}).get("sha256") == sha:
+                return cell if not cell.get("same_patch_as") else None
+        return None
+
+    def evaluate(self, run: Path, concept: str, patch: Any) -> dict[str, Any]:
         """The evaluation run's metrics (a finished run is read back, an unfinished one resumed)."""
         from erasekit.evaluation.canvas import evaluate_minicanvas
         from erasekit.evaluation.record import read_run
 
-        run = self.run_dir(entry, concept)
         if (run / "metrics.json").is_file():
             return read_run(run)["metrics"]
-        self.say(f"evaluate {entry.label} {concept!r}")
+        self.say(f"evaluate {run.relative_to(self.out)}")
         s = self.settings
         return evaluate_minicanvas(
-            self.model, run, target=concept, patches=patches, seeds=s.seeds, steps=s.steps,
-            batch_size=self.batch_size, classifier=self.classifier, objects=s.objects, styles=s.styles,
+            self.model, run, target=concept, patches=[patch] if patch is not None else [], seeds=s.seeds,
+            steps=s.steps, batch_size=self.batch_size, classifier=self.classifier, objects=s.objects,
+            styles=s.styles,
         )  # fmt: skip
 
     def run(self, entries: Sequence[Entry], concepts: Sequence[str]) -> list[dict[str, Any]]:
@@ -164,6 +184,12 @@ class Bench:
                     self.failures[(entry.label, concept)] = reason
                     self.say(f"FAILED {entry.label} {concept!r}: {reason}")
         return cells
+
+
+def read_cells(out: Path, labels: Sequence[str], concepts: Sequence[str]) -> list[dict[str, Any]]:
+    """The finished cells on disk for these entries and concepts (another process may have written them)."""
+    files = [out / "cells" / slug(label) / f"{slug(c)}.json" for label in labels for c in concepts]
+    return [_read_json(f) for f in files if f.is_file()]
 
 
 METRIC_PATHS = {

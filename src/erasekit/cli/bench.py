@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classifier", default=None, help="classifier checkpoint folder (default: built-in)")
     p.add_argument("--not-run", action="append", default=[], metavar="ENTRY=REASON",
                    help="show ENTRY as 'not run: REASON' instead of running it (repeatable)")  # fmt: skip
+    p.add_argument("--shard", default="1/1", metavar="K/N",
+                   help="run only every N-th concept from the K-th (runtime only: N processes fill one --out)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (runtime only; 1 is fastest for MiniCanvas on a busy machine)")  # fmt: skip
     p.add_argument("--out", required=True, help="leaderboard directory (an unfinished one is resumed)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing leaderboard at --out first")
     p.set_defaults(func=run_bench_command)
@@ -45,13 +49,18 @@ def run_bench_command(args: argparse.Namespace) -> int:
     entries = parse_entries(_split(args.methods), _split(args.presets))
     entries += [e for e in parse_entries(list(not_run)) if e not in entries]
     concepts, seed = _concepts(args)
+    shard = _shard(args.shard)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     model = load(args.model, device=args.device, allow_pickle=args.allow_pickle)
     if model.pipeline is None:
         raise ErasekitError(f"bench needs a full pipeline; {args.model} has only text encoders")
     board = run_bench(
         model, args.out, entries, concepts, settings=BenchSettings(seeds=args.seeds, steps=args.steps),
         classifier=_classifier(args), batch_size=args.batch_size, not_run=not_run, concept_seed=seed,
-        command=_command(args), overwrite=args.overwrite, log=_log,
+        command=_command(args), overwrite=args.overwrite, shard=shard, log=_log,
     )  # fmt: skip
     missing = board.missing()
     print(f"leaderboard: {args.out}/leaderboard.md, report: {args.out}/report.html"
@@ -71,6 +80,13 @@ def _not_run(items: list[str]) -> dict[str, str]:
             raise ErasekitError(f"--not-run takes ENTRY=REASON, not {item!r}")
         out[entry.strip()] = reason.strip()
     return out
+
+
+def _shard(text: str) -> tuple[int, int]:
+    k, sep, n = text.partition("/")
+    if not sep or not k.strip().isdigit() or not n.strip().isdigit() or not 1 <= int(k) <= int(n):
+        raise ErasekitError(f"--shard takes K/N with 1 <= K <= N, not {text!r}")
+    return int(k) - 1, int(n)
 
 
 def _concepts(args: argparse.Namespace) -> tuple[list[str], int | None]:
