@@ -152,6 +152,10 @@ def test_shards_fill_one_directory_and_each_writes_what_is_finished(finished, mo
         return {(c["entry"], c["concept"]): c["metrics"] for c in cells}
 
     assert index(second.cells) == index(board.cells) and not second.missing()
+    table = run_bench(model, out, entries, ["neon", "star", "pixel"], settings=GRID, classifier=fake_classifier(),
+                      run=False)  # fmt: skip
+    assert index(table.cells) == index(board.cells) and len(table.missing()) == 4  # pixel: every entry
+    assert "**Partial:** 4 cell(s)" in (out / "leaderboard.md").read_text()
     with pytest.raises(ErasekitError, match="shard 2 of 2"):
         run_bench(model, out, entries, ["neon"], settings=GRID, classifier=fake_classifier(), shard=(2, 2))
 

@@ -45,6 +45,7 @@ def run_bench(
     command: str = "",
     overwrite: bool = False,
     shard: tuple[int, int] = (0, 1),
+    run: bool = True,
     log: Log | None = None,
 ) -> Any:
     """Run every entry (and the base model) on every concept, then write the leaderboard and the report.
@@ -64,6 +65,7 @@ def run_bench(
         overwrite: delete an existing leaderboard at ``out`` first.
         shard: ``(k, n)``: run only concepts ``k, k + n, ...`` (runtime only: n processes may fill one
             directory together; each writes the table of whatever is finished when it ends).
+        run: ``False`` only rewrites the table and the page from the cells already finished.
         log: receives one line per step.
 
     Returns:
@@ -93,7 +95,8 @@ def run_bench(
                                      "concepts": list(concepts), "not_run": not_run, "concept_seed": concept_seed,
                                      "command": command})  # fmt: skip
     bench = Bench(model, out, settings, classifier, batch_size, log)
-    bench.run([e for e in entries if e.label not in not_run], list(concepts)[shard[0] :: shard[1]])
+    if run:
+        bench.run([e for e in entries if e.label not in not_run], list(concepts)[shard[0] :: shard[1]])
     cells = read_cells(out, [BASE, *labels], concepts)
     board = Board(labels=(BASE, *labels), concepts=by_kind, cells=cells, not_run=not_run, command=command,
                   failed=bench.failures,

@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run only every N-th concept from the K-th (runtime only: N processes fill one --out)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (runtime only; 1 is fastest for MiniCanvas on a busy machine)")  # fmt: skip
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: rewrite leaderboard.md and report.html from the finished cells")  # fmt: skip
     p.add_argument("--out", required=True, help="leaderboard directory (an unfinished one is resumed)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing leaderboard at --out first")
     p.set_defaults(func=run_bench_command)
@@ -50,6 +52,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     entries += [e for e in parse_entries(list(not_run)) if e not in entries]
     concepts, seed = _concepts(args)
     shard = _shard(args.shard)
+    if args.table_only and args.overwrite:
+        raise ErasekitError("--table-only reads the finished cells; --overwrite would delete them")
     if args.threads is not None:
         import torch
 
@@ -60,7 +64,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     board = run_bench(
         model, args.out, entries, concepts, settings=BenchSettings(seeds=args.seeds, steps=args.steps),
         classifier=_classifier(args), batch_size=args.batch_size, not_run=not_run, concept_seed=seed,
-        command=_command(args), overwrite=args.overwrite, shard=shard, log=_log,
+        command=_command(args), overwrite=args.overwrite, shard=shard, run=not args.table_only, log=_log,
     )  # fmt: skip
     missing = board.missing()
     print(f"leaderboard: {args.out}/leaderboard.md, report: {args.out}/report.html"

@@ -23,6 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    train.add_argument(
+        "--classifier-only",
+        action="store_true",
+        help="--out already holds a trained model: re-run only its classifier stage (as the full run would)",
+    )
     train.set_defaults(func=run_train)
     check = mc.add_parser("check", help="measure the shipped model's quality bars (classifier, base grid)")
     check.add_argument("--seeds", type=int, default=2, help="seeds per grid cell")
@@ -66,6 +71,13 @@ def run_train(args: argparse.Namespace) -> int:
 
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {line}", file=sys.stderr, flush=True)
+
+    if args.classifier_only:
+        from erasekit.minicanvas.build import rebuild_classifier
+
+        accuracy = rebuild_classifier(args.out, cfg, log=log)
+        print(json.dumps({"out": args.out, "classifier_heldout": accuracy}, indent=2))
+        return 0
 
     with output_dir(args.out, overwrite=args.overwrite) as staging:
         record = train_minicanvas(staging, cfg, log=log, eval_seeds=args.eval_seeds)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from erasekit.errors import ErasekitError
 from erasekit.io import atomic_write_json
 from erasekit.minicanvas.train import Log, TrainConfig
 
@@ -156,13 +157,17 @@ def rebuild_classifier(folder: str | Path, cfg: TrainConfig, log: Log = lambda _
     from erasekit.minicanvas.train import encode_latents, reconstruct, train_classifier
 
     folder = Path(folder)
+    if not (folder / PIPELINE_DIR / "vae").is_dir():
+        raise ErasekitError(f"{folder} holds no trained MiniCanvas ({PIPELINE_DIR}/vae is missing)")
     rngs = _seeds(cfg.seed)
     data = render_set(cfg.per_cell, rngs["render_train"])
     heldout = render_set(cfg.heldout_per_cell, rngs["render_heldout"], desc="render held-out")
     vae = AutoencoderKL.from_pretrained(folder / PIPELINE_DIR / "vae", torch_dtype=torch.float32).eval()
     recon = reconstruct(vae, encode_latents(vae, data.images)[0])
     _replay_init(cfg)
+    start = time.perf_counter()
     classifier = train_classifier(data, recon, cfg, rngs["classifier"], log)
+    seconds = round(time.perf_counter() - start, 1)
     accuracy = heldout_accuracy(classifier, heldout)
     classifier.save(folder)
     record_file = folder / TRAINING_FILE
@@ -170,6 +175,8 @@ def rebuild_classifier(folder: str | Path, cfg: TrainConfig, log: Log = lambda _
         record = json.loads(record_file.read_text())
         record["config"] = cfg.to_dict()
         record["quality"]["classifier_heldout"] = accuracy
+        record["seconds"]["classifier"] = seconds
+        record["quality"].pop("base_grid", None)  # measured with the replaced classifier
         atomic_write_json(record_file, record)
     return accuracy
 
