@@ -3,7 +3,10 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from erasekit.errors import ErasekitError
 from erasekit.evaluation.canvas import evaluate_minicanvas, seed_list
@@ -166,8 +169,21 @@ def test_shipped_minicanvas_with_the_builtin_classifier(tmp_path):
     model = load("minicanvas")
     grid = {"objects": ["circle", "star"], "styles": ["neon", "pixel", "sketch"]}
     m = evaluate_minicanvas(model, tmp_path / "run", target="neon", seeds=1, generality=False, **grid)
-    # the base model draws what it is asked for (its quality bar is >= 90% on the full grid)
-    assert m["object_accuracy"] >= 50.0 and m["style_accuracy"] >= 50.0
-    assert m["UA"] <= 50.0 and m["matrix"]["styles"] == grid["styles"]
+    # the verdicts are the shipped classifier's own on the saved PNGs (model quality is tested in minicanvas' tests)
+    from erasekit.minicanvas import load_classifier
+
+    clf = load_classifier()
+    for key, (obj, style) in m["predictions"].items():
+        pixels = np.asarray(Image.open(tmp_path / "run" / "images" / f"{key}.png").convert("RGB"))
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # [1, 3, 32, 32] in [-1, 1]
+        obj_logits, style_logits = clf.predict(x)
+        assert (clf.object_names[int(obj_logits.argmax())], clf.style_names[int(style_logits.argmax())]) == (
+            obj,
+            style,
+        )
+    assert (
+        m["UA"] == pytest.approx(100 - m["per_class"]["style"]["neon"])
+        and m["matrix"]["styles"] == grid["styles"]
+    )
     record = json.loads((tmp_path / "run" / "record.json").read_text())
     assert record["config"]["classifier"] == "minicanvas" and record["model"]["source"] == "minicanvas"
