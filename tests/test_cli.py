@@ -120,13 +120,55 @@ def test_missing_required_flag(capsys):
 
 
 def test_apply_export_import_round_trip(patch_dir, te_dir, tmp_path):
-    assert main(["--quiet", "apply", "--model", str(te_dir), "--patch", str(patch_dir), "--out", str(tmp_path / "m")]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "apply",
+                "--model",
+                str(te_dir),
+                "--patch",
+                str(patch_dir),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
     applied = CLIPTextModel.from_pretrained(tmp_path / "m" / "text_encoder")
     patch = Patch.load(patch_dir)
     for key, value in patch.tensors.items():
         assert torch.equal(applied.get_parameter(key.split("/", 1)[1]), value)
-    assert main(["--quiet", "export", "--model", str(te_dir), "--patch", str(patch_dir), "--out", str(tmp_path / "te")]) == 0
-    assert main(["--quiet", "import", "--model", str(te_dir), "--from", str(tmp_path / "te"), "--out", str(tmp_path / "p2")]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "export",
+                "--model",
+                str(te_dir),
+                "--patch",
+                str(patch_dir),
+                "--out",
+                str(tmp_path / "te"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "--quiet",
+                "import",
+                "--model",
+                str(te_dir),
+                "--from",
+                str(tmp_path / "te"),
+                "--out",
+                str(tmp_path / "p2"),
+            ]
+        )
+        == 0
+    )
     back = Patch.load(tmp_path / "p2")
     assert set(back.tensors) == set(patch.tensors)
     assert all(torch.equal(back.tensors[k], patch.tensors[k]) for k in patch.tensors)
@@ -167,7 +209,21 @@ def test_apply_to_full_pipeline(tiny_sd15_dir, tmp_path):
     patch = tmp_path / "p"
     assert main(["--quiet", "erase", "--model", str(tiny_sd15_dir), "--concept", "cat", "--method", "hirm-r",
                  *FAST, "--out", str(patch)]) == 0  # fmt: skip
-    assert main(["--quiet", "apply", "--model", str(tiny_sd15_dir), "--patch", str(patch), "--out", str(tmp_path / "m")]) == 0
+    assert (
+        main(
+            [
+                "--quiet",
+                "apply",
+                "--model",
+                str(tiny_sd15_dir),
+                "--patch",
+                str(patch),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "m")
     for key, value in Patch.load(patch).tensors.items():
         assert torch.equal(pipe.text_encoder.get_parameter(key.split("/", 1)[1]), value)

@@ -38,9 +38,13 @@ def make_patch(model: LoadedModel, names=(W0,), delta: float = 0.5, seed: int = 
     enc = model.components["text_encoder"]
     g = torch.Generator().manual_seed(seed)
     state = enc.state_dict()
-    tensors = {f"text_encoder/{n}": state[n] + delta * torch.randn(state[n].shape, generator=g) for n in names}
+    tensors = {
+        f"text_encoder/{n}": state[n] + delta * torch.randn(state[n].shape, generator=g) for n in names
+    }
     prints = {f"text_encoder/{n}": fingerprints(state[n]) for n in names}
-    return Patch(tensors=tensors, fingerprints=prints, method="test", concepts=("cat",), base_model=model.source)
+    return Patch(
+        tensors=tensors, fingerprints=prints, method="test", concepts=("cat",), base_model=model.source
+    )
 
 
 def encode(model: LoadedModel, text: str = "a photo of a cat") -> torch.Tensor:

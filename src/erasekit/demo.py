@@ -32,7 +32,9 @@ class DemoResult:
     def summary(self) -> str:
         rows = [f"{'metric':<16}{'base':>8}{'erased':>8}"]
         for key in METRICS:
-            rows.append(f"{key:<16}{self.base.get(key, float('nan')):>8.1f}{self.erased.get(key, float('nan')):>8.1f}")
+            rows.append(
+                f"{key:<16}{self.base.get(key, float('nan')):>8.1f}{self.erased.get(key, float('nan')):>8.1f}"
+            )
         gen = self.erased.get("generality", {}).get("UA")
         if gen is not None:
             rows.append(f"{'UA (synonyms)':<16}{self.base['generality']['UA']:>8.1f}{gen:>8.1f}")
@@ -46,12 +48,12 @@ class DemoResult:
 def run(
     *,
     model: str = "minicanvas",
-    concept: str = "watercolor",
+    concept: str = "sketch",
     method: str = "hirm-r",
     preset: str | None = None,
-    seeds: int = 2,
+    seeds: int = 1,
     steps: int | None = None,
-    batch_size: int = 48,
+    batch_size: int = 16,
     out: str | Path = "erasekit-demo",
     overwrite: bool = False,
 ) -> DemoResult:
@@ -74,8 +76,21 @@ def run(
         raise ErasekitError(f"the demo needs a full MiniCanvas pipeline; {model} has only text encoders")
     patch = erase(loaded, [concept], method, preset, concept_type=kind)
     patch.save(out / "patch", overwrite=overwrite)
-    common = {"target": concept, "seeds": seeds, "steps": steps, "batch_size": batch_size, "overwrite": overwrite}
+    common = {
+        "target": concept,
+        "seeds": seeds,
+        "steps": steps,
+        "batch_size": batch_size,
+        "overwrite": overwrite,
+    }
     base = evaluate_minicanvas(loaded, out / "base", **common)
     erased = evaluate_minicanvas(loaded, out / "erased", patches=[patch], **common)
-    write_report([out / "base", out / "erased"], out / "report.html", title=f"erasekit demo: erasing {concept!r} with {method}", overwrite=overwrite)
-    return DemoResult(out, concept, method, patch.erase_seconds or 0.0, base, erased, time.perf_counter() - start)
+    write_report(
+        [out / "base", out / "erased"],
+        out / "report.html",
+        title=f"erasekit demo: erasing {concept!r} with {method}",
+        overwrite=overwrite,
+    )
+    return DemoResult(
+        out, concept, method, patch.erase_seconds or 0.0, base, erased, time.perf_counter() - start
+    )

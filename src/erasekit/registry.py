@@ -18,7 +18,17 @@ from erasekit.errors import ErasekitError
 
 CONCEPT_TYPES = ("style", "object", "nsfw")
 # Modules whose import registers methods; listed explicitly, no import-time discovery magic.
-METHOD_MODULES = ("erasekit.methods.hirm", "erasekit.methods.esd", "erasekit.methods.uce", "erasekit.methods.rece", "erasekit.methods.speed", "erasekit.methods.advunlearn", "erasekit.methods.fewshot_te", "erasekit.methods.mace_cfr", "erasekit.methods.ablations")
+METHOD_MODULES = (
+    "erasekit.methods.hirm",
+    "erasekit.methods.esd",
+    "erasekit.methods.uce",
+    "erasekit.methods.rece",
+    "erasekit.methods.speed",
+    "erasekit.methods.advunlearn",
+    "erasekit.methods.fewshot_te",
+    "erasekit.methods.mace_cfr",
+    "erasekit.methods.ablations",
+)
 
 EraseFn = Callable[..., Any]
 
