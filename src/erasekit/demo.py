@@ -35,9 +35,10 @@ class DemoResult:
             rows.append(
                 f"{key:<16}{self.base.get(key, float('nan')):>8.1f}{self.erased.get(key, float('nan')):>8.1f}"
             )
-        gen = self.erased.get("generality", {}).get("UA")
+        gen = self.erased.get("generality", {}).get("UA_synonyms")
         if gen is not None:
-            rows.append(f"{'UA (synonyms)':<16}{self.base['generality']['UA']:>8.1f}{gen:>8.1f}")
+            base_gen = self.base.get("generality", {}).get("UA_synonyms", float("nan"))
+            rows.append(f"{'UA (synonyms)':<16}{base_gen:>8.1f}{gen:>8.1f}")
         head = (
             f"erased {self.concept!r} with {self.method} in {self.erase_seconds:.1f} s "
             f"(demo took {self.seconds:.0f} s)"
