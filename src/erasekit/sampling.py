@@ -17,19 +17,12 @@ from typing import Any
 
 import torch
 
-from erasekit.errors import ErasekitError
-
 UNET_FAMILIES = ("sd15", "sd2")
 
 
 def check_unet_family(model: Any, method: str) -> Any:
     """The pipeline of ``model``, or an error when ``method`` cannot run this sampler on it."""
-    pipe = model.require_pipeline()
-    if model.family.name not in UNET_FAMILIES:
-        raise ErasekitError(
-            f"{method} trains through the UNet and supports {', '.join(UNET_FAMILIES)}, not {model.family.name}"
-        )
-    return pipe
+    return model.require_family(UNET_FAMILIES, f"{method} trains through the UNet and")
 
 
 def encode_prompts(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from erasekit.cli.options import add_out_arg
-from erasekit.errors import ErasekitError
 
 FAMILY_CHOICES = ("sd15", "sd2", "sdxl", "sd3", "flux")
 
@@ -67,13 +66,13 @@ def model_info(source: str) -> dict[str, Any]:
     is fast even for full-size models, and reads no weights.
     """
     from erasekit.models.families import detect_family
-    from erasekit.models.loading import resolve_path
+    from erasekit.models.loading import read_json, resolve_path
 
     path = resolve_path(source)
-    index = _read_json(path / "model_index.json") or {}
+    index = read_json(path / "model_index.json") or {}
     names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]
     names = names or [p.name for p in sorted(path.iterdir()) if (p / "config.json").is_file()]
-    family = detect_family(index.get("_class_name"), _read_json(path / "text_encoder" / "config.json"))
+    family = detect_family(index.get("_class_name"), read_json(path / "text_encoder" / "config.json"))
     components = {n: _component_info(path / n, index.get(n)) for n in names}
     encoders = {
         enc: _clip_layout(path / enc, index.get(enc))
@@ -90,15 +89,6 @@ def model_info(source: str) -> dict[str, Any]:
         "components": components,
         "clip_encoders": encoders,
     }
-
-
-def _read_json(file: Path) -> dict[str, Any] | None:
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text("utf-8"))
-    except json.JSONDecodeError as e:
-        raise ErasekitError(f"{file} is not valid JSON ({e.msg})") from None
 
 
 def _component_info(folder: Path, entry: list | None) -> dict[str, Any]:
@@ -121,7 +111,9 @@ def _meta_module(folder: Path, entry: list | None) -> Any | None:
     """The component built from its config on the ``meta`` device (no memory), or ``None`` if not a module."""
     import torch
 
-    config = _read_json(folder / "config.json")
+    from erasekit.models.loading import read_json
+
+    config = read_json(folder / "config.json")
     if config is None:
         return None  # tokenizers, schedulers, image processors
     if entry:

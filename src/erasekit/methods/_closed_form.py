@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from erasekit.errors import ErasekitError
 from erasekit.methods._common import attn2_linears, check_choice
 from erasekit.patch import Patch
 from erasekit.sampling import encode_prompts
@@ -27,12 +26,7 @@ PROJECTIONS = ("to_k", "to_v")
 
 def check_family(model: Any, method: str) -> Any:
     """The pipeline of ``model``, or an error when ``method`` does not support its family."""
-    pipe = model.require_pipeline()
-    if model.family.name not in FAMILIES:
-        raise ErasekitError(
-            f"{method} edits a UNet's cross-attention and supports {', '.join(FAMILIES)}, not {model.family.name}"
-        )
-    return pipe
+    return model.require_family(FAMILIES, f"{method} edits a UNet's cross-attention and")
 
 
 def check_projections(projections: Sequence[str]) -> None:

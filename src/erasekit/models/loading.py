@@ -64,6 +64,13 @@ class LoadedModel:
         if missing:
             raise ErasekitError(f"{self.source} lacks component(s) {', '.join(missing)} needed here")
 
+    def require_family(self, families: tuple[str, ...], why: str) -> Any:
+        """The pipeline, or an error saying that ``why`` supports only ``families`` (not this model's)."""
+        pipe = self.require_pipeline()
+        if self.family.name not in families:
+            raise ErasekitError(f"{why} supports {', '.join(families)}, not {self.family.name}")
+        return pipe
+
     def require_pipeline(self) -> Any:
         if self.pipeline is None:
             raise ErasekitError(f"{self.source} is not a full pipeline (it has {', '.join(self.components)})")
@@ -94,7 +101,7 @@ def load(
     wanted = [c for c in present if components is None or c in components]
     if components is not None and (missing := sorted(set(components) - set(present))):
         raise ErasekitError(f"{source} has no component(s) {', '.join(missing)}")
-    te_config = _read_json(path / "text_encoder" / "config.json") if "text_encoder" in present else None
+    te_config = read_json(path / "text_encoder" / "config.json") if "text_encoder" in present else None
     family = detect_family(index.get("_class_name") if index else None, te_config)
     listed = [k for k, v in (index or {}).items() if not k.startswith("_") and isinstance(v, list) and v[0]]
     complete = bool(index) and components is None and set(listed) <= set(present)
@@ -139,7 +146,8 @@ def _download(repo_id: str, allow_pickle: bool) -> Path:
         ) from None
 
 
-def _read_json(file: Path) -> dict[str, Any] | None:
+def read_json(file: Path) -> dict[str, Any] | None:
+    """A JSON file's content, ``None`` when the file is absent; invalid JSON is a user error."""
     if not file.is_file():
         return None
     try:
@@ -149,7 +157,7 @@ def _read_json(file: Path) -> dict[str, Any] | None:
 
 
 def _read_index(path: Path) -> dict[str, Any] | None:
-    return _read_json(path / "model_index.json")
+    return read_json(path / "model_index.json")
 
 
 def _present_components(path: Path, index: dict[str, Any] | None) -> list[str]:
