@@ -8,8 +8,16 @@ import statistics
 import pytest
 import torch
 
-from erasekit.bench import BenchSettings, Entry, parse_entries, run_bench, sample_concepts, stack
-from erasekit.bench.board import Board, aggregate, markdown, table_rows
+from erasekit.bench import (
+    BenchSettings,
+    Entry,
+    parse_attacks,
+    parse_entries,
+    run_bench,
+    sample_concepts,
+    stack,
+)
+from erasekit.bench.board import Board, aggregate, attack_rows, markdown, table_rows
 from erasekit.bench.cells import Bench, open_bench
 from erasekit.bench.memory import PeakMemory
 from erasekit.cli.main import main
@@ -91,8 +99,10 @@ def finished(model, tmp_path_factory):
     """A finished two-row leaderboard (base, uce, hirm-r+uce) on one style and one object of the tiny grid."""
     out = tmp_path_factory.mktemp("bench") / "lb"
     entries = parse_entries(["uce:paper", "hirm-r:paper+uce:paper", "hirm-r:default+uce:paper"])
+    attacks = parse_attacks(["encoder-swap", "synonyms"], ["prompts=1"], seeds=1)
     board = run_bench(model, out, entries, ["neon", "star"], settings=GRID, classifier=fake_classifier(),
-                      batch_size=16, not_run={"esd-x:paper": "too slow"}, command="erasekit bench ...")  # fmt: skip
+                      batch_size=16, not_run={"esd-x:paper": "too slow"}, command="erasekit bench ...",
+                      attacks=attacks)  # fmt: skip
     return out, board
 
 
@@ -118,6 +128,41 @@ def test_a_run_writes_one_cell_per_entry_and_concept(finished):
     text = (out / "leaderboard.md").read_text()
     assert "not run: too slow" in text and "erasekit bench ..." in text and "Partial" not in text
     assert (out / "report.html").read_text().count("<img") >= 3
+
+
+def test_attack_columns_run_on_every_cell_and_reuse_twins(finished):
+    out, board = finished
+    labels = ("base", "uce:paper", "hirm-r:paper+uce:paper", "hirm-r:default+uce:paper")
+    assert board.attacks == ("encoder-swap:paper (prompts=1)", "synonyms:paper (prompts=1)")
+    for attack in board.attacks:
+        for label in labels:
+            for concept in ("neon", "star"):
+                cell = board.attack_cell(attack, label, concept)
+                assert cell is not None and 0 <= cell["metrics"]["ASR"] <= 100
+                assert cell["budget"]["prompts"] == 1
+                if (
+                    label == "hirm-r:default+uce:paper"
+                ):  # same patch as the paper row: its attack run is reused
+                    twin = board.attack_cell(attack, "hirm-r:paper+uce:paper", concept)
+                    assert cell["same_patch_as"] == "hirm-r:paper+uce:paper" and cell["run"] == twin["run"]
+                else:
+                    saved = json.loads((out / cell["run"] / "metrics.json").read_text())
+                    assert saved["ASR"] == cell["metrics"]["ASR"] and saved["attack"] == attack.split(":")[0]
+    text = (out / "leaderboard.md").read_text()
+    assert "### Attacks on the styles" in text and "encoder-swap:paper (prompts=1) ASR" in text
+    row = next(r for r in attack_rows(board, "style") if r[0] == "base")
+    assert row[1] == f"{board.attack_cell(board.attacks[0], 'base', 'neon')['metrics']['ASR']:.1f}"
+
+
+def test_attack_budgets_are_checked_before_anything_runs():
+    with pytest.raises(ErasekitError, match="fits none"):
+        parse_attacks(["encoder-swap"], ["generations=3"])
+    with pytest.raises(ErasekitError, match="no preset"):
+        parse_attacks(["ring-a-bell:nope"])
+    with pytest.raises(ErasekitError, match="unknown attack"):
+        parse_attacks(["nope"])
+    rab = parse_attacks(["ring-a-bell:quick", "synonyms"], ["generations=3", "prompts=2"])
+    assert dict(rab[0].budget) == {"generations": 3, "prompts": 2} and dict(rab[1].budget) == {"prompts": 2}
 
 
 def test_restart_skips_finished_cells(finished, model, monkeypatch):
@@ -242,6 +287,8 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
         (["--methods", "uce", "--not-run", "esd-x"], "ENTRY=REASON"),
         (["--methods", "uce", "--n-styles", "20"], "cannot choose 20 styles"),
         (["--methods", "uce", "--shard", "3/2"], "--shard takes K/N"),
+        (["--methods", "uce", "--attacks", "nope"], "unknown attack"),
+        (["--methods", "uce", "--attacks", "synonyms", "--attack-budget", "generations=2"], "fits none"),
     ],
 )
 def test_cli_errors_are_one_line(capsys, tmp_path, argv, match):

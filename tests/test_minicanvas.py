@@ -104,6 +104,57 @@ def test_quick_training_end_to_end(tmp_path):
     assert (tmp_path / "classifier.safetensors").read_bytes() == first
 
 
+def test_lit_tower_is_locked_while_the_text_side_trains():
+    from dataclasses import replace
+
+    from erasekit.minicanvas.data import render_set
+    from erasekit.minicanvas.models import BOS_ID
+    from erasekit.minicanvas.train import TrainConfig, train_clip
+    from erasekit.models.tokenizer import clip_tokenizer
+
+    data = render_set(1, np.random.default_rng(0))
+    tokenizer = clip_tokenizer()
+
+    def run(clip_steps: int) -> dict:
+        torch.manual_seed(0)
+        cfg = replace(TrainConfig.quick(), clip_tower_steps=4, clip_steps=clip_steps)
+        return train_clip(data, cfg, tokenizer, np.random.default_rng(1), lambda _: None)
+
+    short, long = run(1), run(4)
+    for (name, a), b in zip(
+        short["tower"].body.state_dict().items(), long["tower"].body.state_dict().values()
+    ):
+        assert torch.equal(a, b), name  # locked: same pretrained body whatever the contrastive steps
+    assert not any(p.requires_grad for p in long["tower"].body.parameters())
+    emb = "embeddings.token_embedding.weight"
+    before, after = short["text_encoder"].get_parameter(emb), long["text_encoder"].get_parameter(emb)
+    assert not torch.equal(before[BOS_ID], after[BOS_ID])  # the text side kept training
+
+
+def test_cli_train_refuses_a_missing_device(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "erasekit.cli.main",
+            "minicanvas",
+            "train",
+            "--quick",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "mc"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert "--device 'cuda' is not available" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "mc").exists()
+
+
 @pytest.mark.slow  # two more quick trainings
 def test_quick_training_is_deterministic(tmp_path):
     from erasekit.minicanvas.build import train_minicanvas

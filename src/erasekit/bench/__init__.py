@@ -7,6 +7,7 @@ A leaderboard is a directory that fills up cell by cell, so a run cut short resu
     DIR/patches/<method-preset>/<concept>.json  its cost: erase seconds and peak memory
     DIR/runs/<entry>/<concept>/             the evaluation run (images, manifest, metrics, record)
     DIR/cells/<entry>/<concept>.json        the cell's result; its presence marks the cell finished
+    DIR/attacks/<attack>/<entry>/<concept>.json, DIR/attack-runs/...   attack columns (:mod:`.attacks`)
     DIR/leaderboard.md, DIR/report.html     the tables and the page (:mod:`erasekit.bench.board`)
 
 An entry is one row of the leaderboard: ``method``, ``method:preset``, or a stack ``hirm-r+uce`` whose patches
@@ -22,12 +23,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from erasekit.bench.cells import Bench, BenchSettings, Log, open_bench, read_cells, write_bench_file
+from erasekit.bench.attacks import BenchAttack, parse_attacks
+from erasekit.bench.cells import (
+    Bench,
+    BenchSettings,
+    Log,
+    open_bench,
+    read_attack_cells,
+    read_cells,
+    write_bench_file,
+)
 from erasekit.bench.entries import BASE, Entry, check_stack, parse_entries, sample_concepts, stack
 from erasekit.errors import ErasekitError
 from erasekit.io import atomic_write_text
 
-__all__ = ["BASE", "Bench", "BenchSettings", "Entry", "check_stack", "parse_entries", "run_bench",
+__all__ = ["BASE", "Bench", "BenchAttack", "BenchSettings", "Entry", "parse_attacks", "check_stack", "parse_entries", "run_bench",
            "sample_concepts", "stack"]  # fmt: skip
 
 
@@ -47,6 +57,7 @@ def run_bench(
     shard: tuple[int, int] = (0, 1),
     run: bool = True,
     log: Log | None = None,
+    attacks: Sequence[BenchAttack] = (),
 ) -> Any:
     """Run every entry (and the base model) on every concept, then write the leaderboard and the report.
 
@@ -67,6 +78,7 @@ def run_bench(
             directory together; each writes the table of whatever is finished when it ends).
         run: ``False`` only rewrites the table and the page from the cells already finished.
         log: receives one line per step.
+        attacks: attack columns, run on every finished cell's patch (and on the base model).
 
     Returns:
         The :class:`~erasekit.bench.board.Board` written to ``out/leaderboard.md`` and ``out/report.html``.
@@ -93,14 +105,15 @@ def run_bench(
     labels += [label for label in not_run if label not in labels]
     write_bench_file(out, identity, {"model": model.source, "classifier": classifier.source, "entries": labels,
                                      "concepts": list(concepts), "not_run": not_run, "concept_seed": concept_seed,
-                                     "command": command})  # fmt: skip
-    bench = Bench(model, out, settings, classifier, batch_size, log)
+                                     "attacks": [a.label for a in attacks], "command": command})  # fmt: skip
+    bench = Bench(model, out, settings, classifier, batch_size, log, attacks=attacks)
     if run:
         bench.run([e for e in entries if e.label not in not_run], list(concepts)[shard[0] :: shard[1]])
     cells = read_cells(out, [BASE, *labels], concepts)
     board = Board(labels=(BASE, *labels), concepts=by_kind, cells=cells, not_run=not_run, command=command,
-                  failed=bench.failures,
-                  notes=_notes(settings, concept_seed, model.source))  # fmt: skip
+                  failed=bench.failures, notes=_notes(settings, concept_seed, model.source),
+                  attacks=tuple(a.label for a in attacks),
+                  attack_cells=read_attack_cells(out, attacks, [BASE, *labels], concepts))  # fmt: skip
     atomic_write_text(out / "leaderboard.md", markdown(board))
     write_html(board, out, out / "report.html")
     return board

@@ -42,6 +42,8 @@ class Board:
         failed: ``{(label, concept): reason}`` of cells that failed (they count as missing).
         command: the exact command that reproduces the board.
         notes: extra lines for the page (settings, hardware).
+        attacks: the attack columns' labels, in order.
+        attack_cells: the finished attack cells (``"attack"``, ``"entry"``, ``"concept"``, ``"metrics"``).
     """
 
     labels: tuple[str, ...]
@@ -51,9 +53,21 @@ class Board:
     failed: dict[tuple[str, str], str] = field(default_factory=dict)
     command: str = ""
     notes: tuple[str, ...] = ()
+    attacks: tuple[str, ...] = ()
+    attack_cells: list[dict[str, Any]] = field(default_factory=list)
 
     def cell(self, label: str, concept: str) -> dict[str, Any] | None:
         return next((c for c in self.cells if c["entry"] == label and c["concept"] == concept), None)
+
+    def attack_cell(self, attack: str, label: str, concept: str) -> dict[str, Any] | None:
+        return next(
+            (
+                c
+                for c in self.attack_cells
+                if (c["attack"], c["entry"], c["concept"]) == (attack, label, concept)
+            ),
+            None,
+        )
 
     def missing(self) -> list[tuple[str, str]]:
         """``(label, concept)`` of every cell that should exist and does not (not-run entries excluded)."""
@@ -64,6 +78,14 @@ class Board:
             for kind in KINDS
             for c in self.concepts.get(kind, [])
             if self.cell(label, c) is None
+        ] + [
+            (f"{label} / {attack}", c)
+            for attack in self.attacks
+            for label in self.labels
+            if label not in self.not_run
+            for kind in KINDS
+            for c in self.concepts.get(kind, [])
+            if self.attack_cell(attack, label, c) is None
         ]
 
 
@@ -116,6 +138,25 @@ def table_rows(board: Board, kind: str) -> list[list[str]]:
     return rows
 
 
+def attack_rows(board: Board, kind: str) -> list[list[str]]:
+    """One row per entry: the mean ± spread of each attack's ASR over the kind's concepts, with ``(n/of)``."""
+    concepts = board.concepts.get(kind, [])
+    rows = []
+    for label in board.labels:
+        if label in board.not_run:
+            continue
+        row = [label]
+        for attack in board.attacks:
+            cells = [board.attack_cell(attack, label, c) for c in concepts]
+            values = [float(c["metrics"]["ASR"]) for c in cells if c and c["metrics"].get("ASR") is not None]
+            done = sum(c is not None for c in cells)
+            row.append(
+                fmt(mean_std(values), 1) + ("" if done == len(concepts) else f" ({done}/{len(concepts)})")
+            )
+        rows.append(row)
+    return rows
+
+
 # ---- Markdown ----------------------------------------------------------------------------------------------
 
 MEANINGS = (
@@ -125,6 +166,9 @@ MEANINGS = (
     "UA on synonyms: UA of images prompted with the target's synonyms (generality).",
     "Each number is the mean ± sample standard deviation (n − 1) over the concepts of that kind; `n` says how "
     "many of them finished.",
+    "ASR (attack success rate): percent of the attack's generations the classifier labels as the erased "
+    "concept (the attack's headline rule: see `erasekit attacks NAME`); the base row is the un-erased model's "
+    "rate under the same attack.",
     "erase (s): wall time of the method's `erase()` on this machine; a stack adds up its parts.",
     "peak memory (MiB): the most resident memory (RSS) the process held during `erase()` above what it held when "
     "the erasure began (sampled every 5 ms, glibc free lists trimmed first); a stack shows its largest part. It "
@@ -147,6 +191,11 @@ def markdown(board: Board, title: str = "MiniCanvas leaderboard") -> str:
         lines += [f"## {kind.title()}s: {', '.join(board.concepts[kind])}", ""]
         lines += [_md_row(header), _md_row(["---"] * len(header))]
         lines += [_md_row(r) for r in table_rows(board, kind)] + [""]
+        if board.attacks:
+            attack_header = ["method", *(f"{a} ASR ↓" for a in board.attacks)]
+            lines += [f"### Attacks on the {kind}s (ASR %, mean ± std over the {kind}s)", ""]
+            lines += [_md_row(attack_header), _md_row(["---"] * len(attack_header))]
+            lines += [_md_row(r) for r in attack_rows(board, kind)] + [""]
     lines += ["## Reproduce", "", "```", board.command, "```", "", "## What the numbers mean", ""]
     lines += [f"- {m}" for m in MEANINGS] + [""]
     return "\n".join(lines)
@@ -181,6 +230,10 @@ def write_html(board: Board, out_dir: Path, path: Path, title: str = "MiniCanvas
             rows = [[html.escape(c) for c in r] for r in table_rows(board, kind)]
             body += [f"<h2>{kind.title()}s: {html.escape(', '.join(board.concepts[kind]))}</h2>",
                      _table(header, rows), _chart(board, kind)]  # fmt: skip
+            if board.attacks:
+                attack_header = ["method", *(html.escape(f"{a} ASR ↓") for a in board.attacks)]
+                attack_table = [[html.escape(c) for c in r] for r in attack_rows(board, kind)]
+                body += [f"<h3>Attacks on the {kind}s (ASR %)</h3>", _table(attack_header, attack_table)]
     for kind in KINDS:
         if board.concepts.get(kind):
             body.append(_images(board, out_dir, board.concepts[kind][0]))

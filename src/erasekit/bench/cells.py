@@ -47,6 +47,7 @@ class Bench:
         classifier: the two-head classifier (``None``: the built-in MiniCanvas one).
         batch_size: images per pipeline call (runtime only).
         log: receives one line per step (``None``: silent).
+        attacks: the :class:`~erasekit.bench.attacks.BenchAttack` columns run on every cell's patch.
         failures: ``{(label, concept): reason}`` of the cells that failed in :meth:`run`.
     """
 
@@ -56,6 +57,7 @@ class Bench:
     classifier: Any = None
     batch_size: int = 32
     log: Log | None = None
+    attacks: Sequence[Any] = ()
     failures: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def say(self, line: str) -> None:
@@ -140,6 +142,53 @@ class Bench:
         self.say(f"done {entry.label} {concept!r}: {_brief(cell)}")
         return cell
 
+    def attack_file(self, attack: Any, label: str, concept: str) -> Path:
+        return self.out / "attacks" / attack.key / slug(label) / f"{slug(concept)}.json"
+
+    def run_attack_cell(self, attack: Any, entry: Entry, concept: str, kind: str) -> dict[str, Any]:
+        """Attack the entry's patch on ``concept`` and write the attack cell; a finished one is read back.
+
+        An entry whose patch is another entry's (``same_patch_as``) takes that entry's finished attack cell.
+        """
+        from erasekit.attacks.run import run_attack
+
+        cell_file = self.attack_file(attack, entry.label, concept)
+        if cell_file.is_file():
+            return _read_json(cell_file)
+        twin = _read_json(self.cell_file(entry, concept)).get("same_patch_as")
+        if twin and self.attack_file(attack, twin, concept).is_file():
+            cell = {
+                **_read_json(self.attack_file(attack, twin, concept)),
+                "entry": entry.label,
+                "same_patch_as": twin,
+            }
+        else:
+            start = time.perf_counter()
+            patches = [self.entry_patch(entry, concept, kind)[0]] if entry.parts else []
+            run = self.out / "attack-runs" / attack.key / entry.slug / slug(concept)
+            self.say(f"attack {attack.label} on {entry.label} {concept!r}")
+            metrics = run_attack(
+                self.model, concept, attack.name, run, concept_type=kind, patches=patches,
+                preset=attack.preset, budget=dict(attack.budget), seeds=attack.seeds, steps=self.settings.steps,
+                classifier=self.classifier, batch_size=self.batch_size, overwrite=True,
+            )  # fmt: skip
+            cell = {
+                "entry": entry.label,
+                "attack": attack.label,
+                "concept": concept,
+                "concept_type": kind,
+                "metrics": {
+                    k: metrics.get(k) for k in ("ASR", "ASR_pre", "ASR_post", "ASR_images", "ASR_any")
+                },
+                "asr_rule": metrics.get("asr_rule"),
+                "budget": metrics.get("budget"),
+                "run": str(run.relative_to(self.out)),
+                "cell_seconds": round(time.perf_counter() - start, 2),
+            }
+        atomic_write_json(cell_file, cell)
+        self.say(f"done {attack.label} on {entry.label} {concept!r}: ASR {_pct(cell['metrics']['ASR'])}")
+        return cell
+
     def twin(self, entry: Entry, concept: str, sha: str | None) -> dict[str, Any] | None:
         """A finished cell of another entry on ``concept`` whose patch is the very same (its run is reused)."""
         if sha is None:
@@ -177,13 +226,23 @@ class Bench:
         cells = []
         for entry in [Entry(()), *entries]:
             for concept in concepts:
+                kind = concept_kind(concept)
                 try:
-                    cells.append(self.run_cell(entry, concept, concept_kind(concept)))
+                    cells.append(self.run_cell(entry, concept, kind))
                 except Exception as e:  # one broken method must not cost the other cells of a long run
-                    reason = str(e) if isinstance(e, ErasekitError) else f"{type(e).__name__}: {e}"
-                    self.failures[(entry.label, concept)] = reason
-                    self.say(f"FAILED {entry.label} {concept!r}: {reason}")
+                    self._failed(entry.label, concept, e)
+                    continue
+                for attack in self.attacks:
+                    try:
+                        self.run_attack_cell(attack, entry, concept, kind)
+                    except Exception as e:
+                        self._failed(f"{entry.label} / {attack.label}", concept, e)
         return cells
+
+    def _failed(self, label: str, concept: str, e: Exception) -> None:
+        reason = str(e) if isinstance(e, ErasekitError) else f"{type(e).__name__}: {e}"
+        self.failures[(label, concept)] = reason
+        self.say(f"FAILED {label} {concept!r}: {reason}")
 
 
 def read_cells(out: Path, labels: Sequence[str], concepts: Sequence[str]) -> list[dict[str, Any]]:
@@ -212,6 +271,19 @@ def pick_metrics(metrics: dict[str, Any]) -> dict[str, float | None]:
             value = value.get(key) if isinstance(value, dict) else None
         out[name] = float(value) if isinstance(value, (int, float)) else None
     return out
+
+
+def read_attack_cells(
+    out: Path, attacks: Sequence[Any], labels: Sequence[str], concepts: Sequence[str]
+) -> list:
+    """The finished attack cells on disk, each with its column's label under ``"attack"``."""
+    files = [(a, out / "attacks" / a.key / slug(label) / f"{slug(c)}.json") for a in attacks for label in labels
+             for c in concepts]  # fmt: skip
+    return [{**_read_json(f), "attack": a.label} for a, f in files if f.is_file()]
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}%"
 
 
 def _brief(cell: dict[str, Any]) -> str:

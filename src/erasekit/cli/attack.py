@@ -7,7 +7,7 @@ import dataclasses
 import json
 from typing import Any
 
-from erasekit.cli.options import _hints, add_model_arg, add_out_arg, convert
+from erasekit.cli.options import add_model_arg, add_out_arg, convert, type_hints
 
 CONCEPT_TYPES = ("style", "object", "nsfw")
 
@@ -60,7 +60,7 @@ def parse_budget(items: list[str], config_cls: type) -> dict[str, Any]:
             raise ErasekitError(f"--budget takes KEY=VALUE, not {item!r}")
         if key not in fields:
             raise ErasekitError(f"unknown budget key {key!r}; known: {', '.join(sorted(fields))}")
-        out[key] = convert(raw.strip(), _hints(config_cls)[key], key)
+        out[key] = convert(raw.strip(), type_hints(config_cls)[key], key)
     return out
 
 

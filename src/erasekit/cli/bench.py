@@ -30,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call (runtime only)")
     p.add_argument("--classifier", default=None, help="classifier checkpoint folder (default: built-in)")
+    p.add_argument("--attacks", default=None,
+                   help="comma-separated attacks (name or name:preset) run on every cell's patch: ASR columns")  # fmt: skip
+    p.add_argument("--attack-budget", action="append", default=[], metavar="KEY=VALUE",
+                   help="budget override for every listed attack that has the field (repeatable)")  # fmt: skip
+    p.add_argument("--attack-seeds", type=int, default=2, help="images per adversarial candidate")
     p.add_argument("--not-run", action="append", default=[], metavar="ENTRY=REASON",
                    help="show ENTRY as 'not run: REASON' instead of running it (repeatable)")  # fmt: skip
     p.add_argument("--shard", default="1/1", metavar="K/N",
@@ -44,13 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from erasekit.bench import BenchSettings, parse_entries, run_bench
+    from erasekit.bench import BenchSettings, parse_attacks, parse_entries, run_bench
     from erasekit.models.loading import load
 
     not_run = {parse_entries([k])[0].label: v for k, v in _not_run(args.not_run).items()}
     entries = parse_entries(_split(args.methods), _split(args.presets))
     entries += [e for e in parse_entries(list(not_run)) if e not in entries]
     concepts, seed = _concepts(args)
+    attacks = parse_attacks(_split(args.attacks), args.attack_budget, args.attack_seeds)
     shard = _shard(args.shard)
     if args.table_only and args.overwrite:
         raise ErasekitError("--table-only reads the finished cells; --overwrite would delete them")
@@ -65,6 +71,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         model, args.out, entries, concepts, settings=BenchSettings(seeds=args.seeds, steps=args.steps),
         classifier=_classifier(args), batch_size=args.batch_size, not_run=not_run, concept_seed=seed,
         command=_command(args), overwrite=args.overwrite, shard=shard, run=not args.table_only, log=_log,
+        attacks=attacks,
     )  # fmt: skip
     missing = board.missing()
     print(f"leaderboard: {args.out}/leaderboard.md, report: {args.out}/report.html"
@@ -129,6 +136,10 @@ def _command(args: argparse.Namespace) -> str:
     parts += ["--seeds", str(args.seeds)]
     parts += ["--steps", str(args.steps)] if args.steps is not None else []
     parts += ["--classifier", args.classifier] if args.classifier else []
+    if args.attacks:
+        parts += ["--attacks", args.attacks, "--attack-seeds", str(args.attack_seeds)]
+        for item in args.attack_budget:
+            parts += ["--attack-budget", item]
     for item in args.not_run:
         parts += ["--not-run", item]
     parts += ["--batch-size", str(args.batch_size), "--out", args.out]

@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--eval-seeds", type=int, default=2, help="seeds per cell for the final check (0: skip)"
     )
     train.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    train.add_argument(
+        "--device",
+        default="cpu",
+        help="where to train: cpu (the shipped weights) or cuda (faster; other numerics)",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     train.add_argument(
         "--classifier-only",
@@ -64,6 +69,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.eval_seeds < 0 or args.threads < 1:
         raise ErasekitError("--eval-seeds must be >= 0 and --threads >= 1")
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        raise ErasekitError(
+            f"--device {args.device!r} is not available here (cpu, or cuda with a visible GPU)"
+        )
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     cfg = TrainConfig.quick(args.seed) if args.quick else TrainConfig(seed=args.seed)
@@ -80,7 +89,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
 
     with output_dir(args.out, overwrite=args.overwrite) as staging:
-        record = train_minicanvas(staging, cfg, log=log, eval_seeds=args.eval_seeds)
+        record = train_minicanvas(staging, cfg, log=log, eval_seeds=args.eval_seeds, device=args.device)
     print(json.dumps({"out": args.out, "seconds": record["seconds"], "quality": record["quality"]}, indent=2))
     return 0
 

@@ -39,7 +39,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_classes: list[type]
 
 def config_overrides(args: argparse.Namespace, config_cls: type) -> dict[str, Any]:
     """The config fields the user set on the command line, converted to ``config_cls``'s field types."""
-    hints = _hints(config_cls)
+    hints = type_hints(config_cls)
     out: dict[str, Any] = {}
     for key, raw in vars(args).items():
         if not key.startswith(CONFIG_PREFIX) or raw is None:
@@ -52,7 +52,7 @@ def config_overrides(args: argparse.Namespace, config_cls: type) -> dict[str, An
 
 
 @functools.cache
-def _hints(config_cls: type) -> dict[str, Any]:
+def type_hints(config_cls: type) -> dict[str, Any]:
     return typing.get_type_hints(config_cls)
 
 

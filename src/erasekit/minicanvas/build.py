@@ -67,7 +67,7 @@ def _timed(times: dict[str, float], name: str, fn: Any, *args: Any, **kwargs: An
 
 
 def train_minicanvas(
-    out: str | Path, cfg: TrainConfig, log: Log = lambda _: None, eval_seeds: int = 2
+    out: str | Path, cfg: TrainConfig, log: Log = lambda _: None, eval_seeds: int = 2, device: str = "cpu"
 ) -> dict[str, Any]:
     """Train every MiniCanvas part from scratch and write them into ``out``.
 
@@ -76,6 +76,8 @@ def train_minicanvas(
         cfg: the training configuration.
         log: receives one line per progress report.
         eval_seeds: seeds per cell for the final base-generation check (0 skips it).
+        device: where the networks train (``"cpu"``, ``"cuda"``). Random numbers are drawn on the CPU either way,
+            but floating-point results differ across devices, so the shipped weights name theirs.
 
     Returns:
         the ``training.json`` record: config, per-stage seconds, and measured quality.
@@ -94,28 +96,36 @@ def train_minicanvas(
     heldout = render_set(cfg.heldout_per_cell, rngs["render_heldout"], desc="render held-out")
     log(f"rendered {len(data)} training and {len(heldout)} held-out images")
 
-    clip = _timed(times, "clip", train_clip, data, cfg, tokenizer, rngs["clip"], log)
+    clip = _timed(times, "clip", train_clip, data, cfg, tokenizer, rngs["clip"], log, device)
     text_encoder = round_to_fp16_(clip["text_encoder"]).requires_grad_(False)
     quality["clip_retrieval_top1"] = retrieval_accuracy(clip, tokenizer, heldout)
     log(f"tiny CLIP caption->image retrieval top-1: {quality['clip_retrieval_top1']:.1f}%")
 
-    vae = _timed(times, "vae", train_vae, data, cfg, rngs["vae"], log).requires_grad_(False)
+    vae = _timed(times, "vae", train_vae, data, cfg, rngs["vae"], log, device).requires_grad_(False)
+    vae.to(device)
     latents = _timed(times, "encode", encode_latents, vae, data.images)
     recon = reconstruct(vae, latents[0])
+    vae.cpu()
     quality["vae_l1"] = float((recon - data.images).abs().mean())
 
-    classifier = _timed(times, "classifier", train_classifier, data, recon, cfg, rngs["classifier"], log)
+    classifier = _timed(
+        times, "classifier", train_classifier, data, recon, cfg, rngs["classifier"], log, device
+    )
     quality["classifier_heldout"] = heldout_accuracy(classifier, heldout)
     log(f"classifier held-out accuracy: {quality['classifier_heldout']}")
 
     plan, captions = plan_captions(data.cells, cfg, rngs["plan"])
-    states = _timed(times, "text_states", encode_captions, text_encoder, tokenizer, captions)
+    states = _timed(times, "text_states", encode_captions, text_encoder.to(device), tokenizer, captions)
+    text_encoder.cpu()
     scaling = vae.config.scaling_factor
-    unet = _timed(times, "unet", train_unet, latents, scaling, states, plan, cfg, rngs["unet"], log)
+    unet = _timed(times, "unet", train_unet, latents, scaling, states, plan, cfg, rngs["unet"], log, device)
 
     pipe = assemble(text_encoder, tokenizer, vae, round_to_fp16_(unet))
     if eval_seeds:
-        result = _timed(times, "eval", evaluate_grid, pipe, classifier, seeds=eval_seeds)
+        pipe.to(device)
+        result = _timed(times, "eval", evaluate_grid, pipe, classifier.to(device), seeds=eval_seeds)
+        pipe.to("cpu")
+        classifier.cpu()
         quality["base_grid"] = {
             "seeds": eval_seeds,
             "object": result.object_accuracy,
@@ -123,9 +133,22 @@ def train_minicanvas(
         }
         log(f"base generations: object {result.object_accuracy:.1f}%, style {result.style_accuracy:.1f}%")
     _save(Path(out), pipe, classifier)
-    record = {"config": cfg.to_dict(), "seconds": times, "quality": quality, "train_images": len(data)}
+    record = {
+        "config": cfg.to_dict(),
+        "device": _describe(device),
+        "seconds": times,
+        "quality": quality,
+        "train_images": len(data),
+    }
     atomic_write_json(Path(out) / TRAINING_FILE, record)
     return record
+
+
+def _describe(device: str) -> str:
+    """``"cpu (N threads)"`` or the accelerator's name: where the weights were trained."""
+    if torch.device(device).type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _replay_init(cfg: TrainConfig) -> None:

@@ -18,17 +18,17 @@ from erasekit.progress import track
 
 @torch.no_grad()
 def encode_captions(text_encoder: Any, tokenizer: Any, captions: list[str], batch: int = 256) -> torch.Tensor:
-    """The frozen encoder's last hidden states, exactly as the pipeline computes them.
+    """The frozen encoder's last hidden states, exactly as the pipeline computes them (on the encoder's device).
 
     Returns:
-        float ``[len(captions), 77, hidden]``.
+        CPU float ``[len(captions), 77, hidden]``.
     """
     out = []
     for i in track(
         range(0, len(captions), batch), desc="text states", total=math.ceil(len(captions) / batch)
     ):
-        ids = tokenize(tokenizer, captions[i : i + batch])
-        out.append(text_encoder(ids).last_hidden_state)
+        ids = tokenize(tokenizer, captions[i : i + batch]).to(text_encoder.device)
+        out.append(text_encoder(ids).last_hidden_state.cpu())
     return torch.cat(out)
 
 
@@ -76,6 +76,7 @@ def train_unet(
     cfg: TrainConfig,
     gen: torch.Generator,
     log: Log,
+    device: str = "cpu",
 ) -> Any:
     """Train the ``UNet2DConditionModel`` with eps-prediction; returns the EMA weights.
 
@@ -84,19 +85,22 @@ def train_unet(
         scaling: the VAE's ``scaling_factor``.
         states: ``[n_captions, 77, hidden]`` frozen text states; row 0 is the empty caption.
         plan: int ``[steps, batch, 2]`` from :func:`plan_captions`.
+        device: where to train; random numbers are drawn on the CPU from ``gen`` for every device.
     """
     mean, std = latents
-    unet = build_unet(cfg.sizes, latent_size=mean.shape[-1])
+    unet = build_unet(cfg.sizes, latent_size=mean.shape[-1]).to(device)
+    mean, std, states = mean.to(device), std.to(device), states.to(device)
     ema = EMA(unet, cfg.ema_decay)
     noise_sched = train_scheduler()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
     sched = _schedule(opt, cfg.unet_steps)
     unet.train()
     for step, report in _steps(cfg.unet_steps, "unet", log):
-        idx, cap = plan[step, :, 0], plan[step, :, 1]
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling  # [B, C, 8, 8]
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        idx, cap = plan[step, :, 0].to(device), plan[step, :, 1].to(device)
+        eps = torch.randn(len(idx), *mean.shape[1:], generator=gen).to(device)
+        z0 = (mean[idx] + std[idx] * eps) * scaling  # [B, C, 8, 8]
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
         pred = unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=states[cap]).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
@@ -106,4 +110,4 @@ def train_unet(
         sched.step()
         ema.update(unet, step)
         report(loss.item())
-    return ema.shadow
+    return ema.shadow.cpu()

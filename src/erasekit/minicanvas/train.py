@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from erasekit.minicanvas.classifier import MiniCanvasClassifier
 from erasekit.minicanvas.data import RenderSet, sample_captions, tokenize
@@ -25,7 +26,7 @@ from erasekit.minicanvas.models import (
     build_vae,
     round_to_fp16_,
 )
-from erasekit.minicanvas.world import caption_matches
+from erasekit.minicanvas.world import all_captions, caption_matches
 from erasekit.progress import track
 
 Log = Callable[[str], None]
@@ -41,6 +42,13 @@ class TrainConfig:
     clip_steps: int = field(default=500, metadata={"help": "contrastive pretraining steps"})
     clip_batch: int = field(default=256, metadata={"help": "contrastive batch size"})
     clip_lr: float = field(default=1e-3, metadata={"help": "contrastive peak learning rate"})
+    clip_tower_steps: int = field(
+        default=1000,
+        metadata={
+            "help": "LiT: first train the image tower on the renders' object/style labels for this many steps, "
+            "then lock it and train the text side against it (0: both towers jointly, as CLIP)"
+        },
+    )
     vae_steps: int = field(default=1000, metadata={"help": "VAE steps"})
     vae_batch: int = field(default=48, metadata={"help": "VAE batch size"})
     vae_lr: float = field(default=2e-3, metadata={"help": "VAE peak learning rate"})
@@ -68,7 +76,7 @@ class TrainConfig:
             unet_heads=2,
             classifier_width=8,
         )
-        steps = {k: 3 for k in ("clip_steps", "vae_steps", "clf_steps", "unet_steps")}
+        steps = {k: 3 for k in ("clip_tower_steps", "clip_steps", "vae_steps", "clf_steps", "unet_steps")}
         batches = {k: 16 for k in ("clip_batch", "vae_batch", "clf_batch", "unet_batch")}
         return cls(seed=seed, per_cell=1, heldout_per_cell=1, sizes=tiny, **steps, **batches)
 
@@ -124,7 +132,12 @@ def contrastive_loss(
 
 
 def train_clip(
-    data: RenderSet, cfg: TrainConfig, tokenizer: Any, rng: np.random.Generator, log: Log
+    data: RenderSet,
+    cfg: TrainConfig,
+    tokenizer: Any,
+    rng: np.random.Generator,
+    log: Log,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Contrastive pretraining of the CLIP text encoder against a small image tower.
 
@@ -132,45 +145,60 @@ def train_clip(
         ``{"text_encoder", "tower", "head"}``.
     """
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    text_encoder = build_text_encoder(cfg.sizes)
-    tower = ImageTower(cfg.sizes.classifier_width, cfg.sizes.embed_dim)
-    head = TextHead(cfg.sizes.text_hidden, cfg.sizes.embed_dim)
-    params = [*text_encoder.parameters(), *tower.parameters(), *head.parameters()]
+    text_encoder = build_text_encoder(cfg.sizes).to(device)
+    tower = ImageTower(cfg.sizes.classifier_width, cfg.sizes.embed_dim).to(device)
+    head = TextHead(cfg.sizes.text_hidden, cfg.sizes.embed_dim).to(device)
+    features = None
+    if cfg.clip_tower_steps:
+        body = pretrain_tower(data, cfg, gen, log, device)
+        tower.body.load_state_dict(body.state_dict())
+        tower.body.requires_grad_(False).eval()
+        features = _features(tower.body, data.images)  # locked: computed once, [N, 4 * width]
+    params = [
+        p for p in (*text_encoder.parameters(), *tower.parameters(), *head.parameters()) if p.requires_grad
+    ]
     opt = torch.optim.AdamW(params, lr=cfg.clip_lr, weight_decay=0.01)
     sched = _schedule(opt, cfg.clip_steps)
+    # causal attention: the pooled eos output ignores the padding after it, so the longest caption suffices
+    length = max(len(ids) for ids in tokenizer(all_captions()).input_ids)
     for _, report in _steps(cfg.clip_steps, "clip", log):
         idx = _batch(len(data), cfg.clip_batch, gen)
         captions, named = sample_captions(data.cells[idx], rng)
-        # causal attention: the pooled eos output ignores padding after it, so 32 tokens suffice
-        ids = tokenize(tokenizer, captions, max_length=32)
+        ids = tokenize(tokenizer, captions, max_length=length).to(device)
         text = F.normalize(head(text_encoder(ids).pooler_output), dim=-1)
-        image = F.normalize(tower(data.images[idx]), dim=-1)
-        match = torch.from_numpy(caption_matches(named.numpy(), data.cells[idx].numpy()))
+        if features is None:
+            image = tower(data.images[idx].to(device))
+        else:
+            image = tower.head(features[idx].to(device))
+        image = F.normalize(image, dim=-1)
+        match = torch.from_numpy(caption_matches(named.numpy(), data.cells[idx].numpy())).to(device)
         loss = contrastive_loss(text, image, head.logit_scale, match)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         report(loss.item())
-    return {"text_encoder": text_encoder.eval(), "tower": tower.eval(), "head": head.eval()}
+    parts = {"text_encoder": text_encoder, "tower": tower, "head": head}
+    return {name: part.cpu().eval() for name, part in parts.items()}
 
 
-def train_vae(data: RenderSet, cfg: TrainConfig, gen: torch.Generator, log: Log) -> Any:
+def train_vae(data: RenderSet, cfg: TrainConfig, gen: torch.Generator, log: Log, device: str = "cpu") -> Any:
     """Train the ``AutoencoderKL`` for reconstruction (L1 + MSE + a small KL), then set its latent scale."""
-    vae = build_vae(cfg.sizes)
+    vae = build_vae(cfg.sizes).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = _schedule(opt, cfg.vae_steps)
     for _, report in _steps(cfg.vae_steps, "vae", log):
-        x = data.images[_batch(len(data), cfg.vae_batch, gen)]
+        x = data.images[_batch(len(data), cfg.vae_batch, gen)].to(device)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
+        eps = torch.randn(posterior.mean.shape, generator=gen).to(device)
+        recon = vae.decode(posterior.mean + posterior.std * eps).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.kl_weight * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         report(loss.item())
-    vae = round_to_fp16_(vae.eval())
+    vae = round_to_fp16_(vae.cpu().eval())
     with torch.no_grad():
         z = vae.encode(data.images[:2048]).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
@@ -179,34 +207,46 @@ def train_vae(data: RenderSet, cfg: TrainConfig, gen: torch.Generator, log: Log)
 
 @torch.no_grad()
 def encode_latents(vae: Any, images: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image: two ``[N, C, 8, 8]`` tensors (unscaled)."""
+    """Posterior mean and std of every image (on the VAE's device): two CPU ``[N, C, 8, 8]`` tensors (unscaled)."""
     means, stds = [], []
     for i in track(range(0, len(images), batch), desc="encode", total=math.ceil(len(images) / batch)):
-        dist = vae.encode(images[i : i + batch]).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+        dist = vae.encode(images[i : i + batch].to(vae.device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
 @torch.no_grad()
 def reconstruct(vae: Any, mean: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    """Decode posterior means back to images ``[N, 3, 32, 32]`` in [-1, 1]."""
-    chunks = [vae.decode(mean[i : i + batch]).sample.clamp(-1, 1) for i in range(0, len(mean), batch)]
+    """Decode posterior means back to CPU images ``[N, 3, 32, 32]`` in [-1, 1] (on the VAE's device)."""
+    chunks = [
+        vae.decode(mean[i : i + batch].to(vae.device)).sample.clamp(-1, 1).cpu()
+        for i in range(0, len(mean), batch)
+    ]
     return torch.cat(chunks)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mild noise and blur, so the classifier judges concepts rather than the last bit of sharpness."""
-    noise = torch.randn(x.shape, generator=gen) * torch.rand(len(x), 1, 1, 1, generator=gen) * 0.08
-    kernel = torch.tensor([1.0, 2.0, 1.0])
+    """Mild noise and blur, so the classifier judges concepts rather than the last bit of sharpness.
+
+    Random numbers come from the CPU generator ``gen`` whatever ``x``'s device, so every device draws the same.
+    """
+    amount = torch.rand(len(x), 1, 1, 1, generator=gen)
+    noise = (torch.randn(x.shape, generator=gen) * amount * 0.08).to(x.device)
+    kernel = torch.tensor([1.0, 2.0, 1.0], device=x.device)
     kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
     blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
-    pick = (torch.rand(len(x), 1, 1, 1, generator=gen) < 0.3).float()
+    pick = (torch.rand(len(x), 1, 1, 1, generator=gen) < 0.3).float().to(x.device)
     return pick * blurred + (1 - pick) * x + noise
 
 
 def train_classifier(
-    data: RenderSet, recon: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, log: Log
+    data: RenderSet,
+    recon: torch.Tensor,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    log: Log,
+    device: str = "cpu",
 ) -> MiniCanvasClassifier:
     """Train the object + style classifier on ground-truth renders and their VAE reconstructions.
 
@@ -214,19 +254,58 @@ def train_classifier(
         data: the renders and their labels.
         recon: ``[N, 3, 32, 32]`` VAE reconstructions of ``data.images`` (same labels).
     """
-    model = MiniCanvasClassifier(width=cfg.sizes.classifier_width)
+    model = MiniCanvasClassifier(width=cfg.sizes.classifier_width).to(device)
+    return _fit(model, data, recon, cfg.clf_steps, cfg, gen, log, "classifier", device)
+
+
+def pretrain_tower(
+    data: RenderSet, cfg: TrainConfig, gen: torch.Generator, log: Log, device: str
+) -> nn.Module:
+    """LiT's locked image tower: a classifier body trained on the renders' labels (not the evaluation classifier).
+
+    It is initialised from its own seed, drawn from ``gen``, without touching torch's global generator, so the
+    other networks' initialisation does not depend on whether this stage runs.
+    """
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MiniCanvasClassifier(width=cfg.sizes.classifier_width).to(device)
+    return _fit(model, data, None, cfg.clip_tower_steps, cfg, gen, log, "image tower", device).body
+
+
+@torch.no_grad()
+def _features(body: nn.Module, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    device = next(body.parameters()).device
+    return torch.cat([body(images[i : i + batch].to(device)).cpu() for i in range(0, len(images), batch)])
+
+
+def _fit(
+    model: MiniCanvasClassifier,
+    data: RenderSet,
+    recon: torch.Tensor | None,
+    steps: int,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    log: Log,
+    desc: str,
+    device: str,
+) -> MiniCanvasClassifier:
+    """Cross-entropy on both heads with :func:`_augment`; half of each batch from ``recon`` when given."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clf_lr, weight_decay=0.01)
-    sched = _schedule(opt, cfg.clf_steps)
-    for _, report in _steps(cfg.clf_steps, "classifier", log):
+    sched = _schedule(opt, steps)
+    for _, report in _steps(steps, desc, log):
         idx = _batch(len(data), cfg.clf_batch, gen)
-        use_recon = (torch.rand(len(idx), 1, 1, 1, generator=gen) < 0.5).float()
-        x = _augment(use_recon * recon[idx] + (1 - use_recon) * data.images[idx], gen)
+        if recon is None:
+            x = _augment(data.images[idx].to(device), gen)
+        else:
+            use_recon = (torch.rand(len(idx), 1, 1, 1, generator=gen) < 0.5).float()
+            x = _augment((use_recon * recon[idx] + (1 - use_recon) * data.images[idx]).to(device), gen)
         obj_logits, sty_logits = model(x)
-        obj_loss = F.cross_entropy(obj_logits, data.cells[idx, 0])
-        loss = obj_loss + F.cross_entropy(sty_logits, data.cells[idx, 1])
+        cells = data.cells[idx].to(device)
+        loss = F.cross_entropy(obj_logits, cells[:, 0]) + F.cross_entropy(sty_logits, cells[:, 1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         report(loss.item())
-    return model.eval()
+    return model.cpu().eval()

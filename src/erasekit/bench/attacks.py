@@ -1,0 +1,99 @@
+"""Attacks in the leaderboard: every entry's patch, on every concept, faces the same attacks and budgets.
+
+An attack column is one :class:`BenchAttack` (attack, budget preset, budget overrides, images per candidate).
+Its cells live beside the evaluation cells::
+
+    DIR/attacks/<attack-key>/<entry>/<concept>.json   the cell: ASR and the run it came from
+    DIR/attack-runs/<attack-key>/<entry>/<concept>/   the attack run (prompts/embeddings, images, metrics)
+
+``<attack-key>`` names the attack and preset and hashes the resolved budget and seeds, so a rerun with another
+budget never mixes with the old cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from erasekit.errors import ErasekitError
+
+
+@dataclass(frozen=True)
+class BenchAttack:
+    """One attack column of the leaderboard.
+
+    Attributes:
+        name: registry name (``erasekit attacks``).
+        preset: budget preset.
+        budget: field overrides, as ``(key, value)`` pairs.
+        seeds: images per adversarial candidate.
+    """
+
+    name: str
+    preset: str = "paper"
+    budget: tuple[tuple[str, Any], ...] = ()
+    seeds: int = 2
+
+    @property
+    def label(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.budget)
+        return f"{self.name}:{self.preset}" + (f" ({extra})" if extra else "")
+
+    def resolved(self, concept_type: str) -> dict[str, Any]:
+        """The full budget this column runs with for one concept type."""
+        from erasekit.attacks import budget_dict, make_budget
+
+        return budget_dict(make_budget(self.name, self.preset, concept_type, dict(self.budget)))
+
+    @property
+    def key(self) -> str:
+        """A folder name: attack, preset, and a hash of the resolved budgets (both types) and seeds."""
+        from erasekit.bench.entries import slug
+
+        text = json.dumps(
+            {"style": self.resolved("style"), "object": self.resolved("object"), "seeds": self.seeds},
+            sort_keys=True,
+            default=str,
+        )
+        return f"{slug(self.name)}-{slug(self.preset)}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def parse_attacks(names: Sequence[str], budget: Sequence[str] = (), seeds: int = 2) -> list[BenchAttack]:
+    """Attack columns from ``name`` / ``name:preset`` strings and shared ``KEY=VALUE`` budget overrides.
+
+    A ``KEY=VALUE`` applies to every listed attack whose budget has that field, and must fit at least one.
+    """
+    from erasekit.attacks import get_attack, make_budget
+    from erasekit.cli.attack import parse_budget
+
+    if seeds < 1:
+        raise ErasekitError("--attack-seeds must be >= 1")
+    specs = []
+    for text in names:
+        name, _, preset = text.partition(":")
+        spec = get_attack(name.strip())
+        preset = preset.strip() or "paper"
+        if preset not in spec.presets:
+            raise ErasekitError(
+                f"attack {spec.name} has no preset {preset!r}; known: {', '.join(spec.presets)}"
+            )
+        specs.append((spec, preset))
+    used: set[str] = set()
+    out = []
+    for spec, preset in specs:
+        fields = set(spec.config_cls.__dataclass_fields__)
+        mine = [item for item in budget if item.partition("=")[0].strip() in fields]
+        used.update(item for item in mine)
+        overrides = parse_budget(mine, spec.config_cls)
+        for kind in ("style", "object"):
+            make_budget(spec.name, preset, kind, overrides)  # every budget error before any run
+        out.append(BenchAttack(spec.name, preset, tuple(sorted(overrides.items())), seeds))
+    unused = [item for item in budget if item not in used]
+    if unused:
+        raise ErasekitError(f"--attack-budget {unused[0]!r} fits none of the attacks {', '.join(names)}")
+    if len({a.key for a in out}) != len(out):
+        raise ErasekitError("an attack is listed twice with the same budget")
+    return out
