@@ -139,6 +139,22 @@ def test_ring_a_bell_fitness_decreases_and_beats_the_initial_population(model):
     assert result.candidates[0].prompt  # decoded into an ordinary prompt
 
 
+def test_ring_a_bell_searches_the_base_encoder_once_per_model(model):
+    import dataclasses
+
+    from erasekit.attacks.ring_a_bell import ring_a_bell
+
+    config = make_budget("ring-a-bell", overrides={"prompts": 1, "population": 8, "generations": 3, "seed": 7})
+    first = ring_a_bell(target_for(model, n=1), config)
+    again = ring_a_bell(dataclasses.replace(target_for(model, n=1), patch=None), config)
+    assert again.stats["reused_search"] and "reused_search" not in first.stats
+    assert torch.equal(again.embeddings["token_ids"], first.embeddings["token_ids"])
+    assert [c.prompt for c in again.candidates] == [c.prompt for c in first.candidates]
+    # the erased encoder depends on the patch: never reused
+    erased = ring_a_bell(target_for(model, n=1), dataclasses.replace(config, encoder="erased"))
+    assert "reused_search" not in erased.stats
+
+
 def test_ring_a_bell_k77_fills_the_context():
     from erasekit.attacks.ring_a_bell import ring_a_bell
 

@@ -16,6 +16,8 @@ themselves are saved too, since decoding and re-tokenising is not always the ide
 from __future__ import annotations
 
 import contextlib
+import copy
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,9 +158,14 @@ def search(
 def ring_a_bell(target: AttackTarget, config: RingABellConfig) -> AttackResult:
     """Ring-A-Bell: genetic search for K-token prompts whose encoding is near prompt + η · concept vector."""
     ps = target.prompts
-    ctx = target.erased() if config.encoder == "erased" else contextlib.nullcontext()
+    erased = config.encoder == "erased"
+    key = (id(target.model), ps.positives, ps.negatives, config)
+    if not erased and key in _SEARCHES and _SEARCHES[key][0]() is target.model:
+        # The search reads only the base encoder, so it is the same for every patch: run it once per model.
+        ids, history, stats = _SEARCHES[key][1]
+        return _result(target, ids, copy.deepcopy(history), {**copy.deepcopy(stats), "reused_search": True})
     g = torch.Generator().manual_seed(config.seed)
-    with ctx:
+    with target.erased() if erased else contextlib.nullcontext():
         encoders = Encoders(target.model)
         k = min(config.tokens, encoders.length - 2)
         vocab = ordinary_tokens(encoders.tokenizer)
@@ -172,8 +179,28 @@ def ring_a_bell(target: AttackTarget, config: RingABellConfig) -> AttackResult:
             stats["initial_best"].append(curve[0])
             stats["final_best"].append(curve[-1])
     ids = torch.stack(found)  # [N, K]
-    texts = [encoders.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in ids]
-    stats["roundtrip_exact"] = sum(_roundtrips(encoders.tokenizer, t, row) for t, row in zip(texts, ids))
+    stats["roundtrip_exact"] = sum(
+        _roundtrips(encoders.tokenizer, t, row) for t, row in zip(_texts(encoders.tokenizer, ids), ids)
+    )
+    if not erased:
+        if len(_SEARCHES) >= 64:
+            _SEARCHES.pop(next(iter(_SEARCHES)))
+        _SEARCHES[key] = (weakref.ref(target.model), (ids, copy.deepcopy(history), copy.deepcopy(stats)))
+    return _result(target, ids, history, stats)
+
+
+# Finished searches on the base encoder: (model id, prompts, config) -> (weak ref to the model, result).
+_SEARCHES: dict[tuple[Any, ...], tuple[Any, tuple[torch.Tensor, dict[str, Any], dict[str, Any]]]] = {}
+
+
+def _texts(tokenizer: Any, ids: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in ids]
+
+
+def _result(
+    target: AttackTarget, ids: torch.Tensor, history: dict[str, Any], stats: dict[str, Any]
+) -> AttackResult:
+    texts = _texts(target.model.clip_encoders()[0][2], ids)
     candidates = tuple(Candidate(prompt=t, group=i) for i, t in enumerate(texts))
     return AttackResult(candidates=candidates, patch=target.patch, embeddings={"token_ids": ids},
                         history=history, stats=stats)  # fmt: skip
