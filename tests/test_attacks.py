@@ -144,7 +144,9 @@ def test_ring_a_bell_searches_the_base_encoder_once_per_model(model):
 
     from erasekit.attacks.ring_a_bell import ring_a_bell
 
-    config = make_budget("ring-a-bell", overrides={"prompts": 1, "population": 8, "generations": 3, "seed": 7})
+    config = make_budget(
+        "ring-a-bell", overrides={"prompts": 1, "population": 8, "generations": 3, "seed": 7}
+    )
     first = ring_a_bell(target_for(model, n=1), config)
     again = ring_a_bell(dataclasses.replace(target_for(model, n=1), patch=None), config)
     assert again.stats["reused_search"] and "reused_search" not in first.stats

@@ -98,7 +98,7 @@ def test_a_stack_naming_one_method_twice_is_refused(model, tmp_path):
 def finished(model, tmp_path_factory):
     """A finished two-row leaderboard (base, uce, hirm-r+uce) on one style and one object of the tiny grid."""
     out = tmp_path_factory.mktemp("bench") / "lb"
-    entries = parse_entries(["uce:paper", "hirm-r:paper+uce:paper", "hirm-r:default+uce:paper"])
+    entries = parse_entries(["uce:paper", "hirm-s:paper+uce:paper", "hirm-s:default+uce:paper"])
     attacks = parse_attacks(["encoder-swap", "synonyms"], ["prompts=1"], seeds=1)
     board = run_bench(model, out, entries, ["neon", "star"], settings=GRID, classifier=fake_classifier(),
                       batch_size=16, not_run={"esd-x:paper": "too slow"}, command="erasekit bench ...",
@@ -109,7 +109,7 @@ def finished(model, tmp_path_factory):
 def test_a_run_writes_one_cell_per_entry_and_concept(finished):
     out, board = finished
     cells = {(c["entry"], c["concept"]): c for c in board.cells}
-    labels = ("base", "uce:paper", "hirm-r:paper+uce:paper", "hirm-r:default+uce:paper")
+    labels = ("base", "uce:paper", "hirm-s:paper+uce:paper", "hirm-s:default+uce:paper")
     assert set(cells) == {(e, c) for e in labels for c in ("neon", "star")}
     for (_, concept), cell in cells.items():
         saved = json.loads((out / cell["run"] / "metrics.json").read_text())
@@ -117,12 +117,12 @@ def test_a_run_writes_one_cell_per_entry_and_concept(finished):
         assert cell["metrics"]["UA"] == pytest.approx(saved["UA"])
         assert cell["metrics"]["UA_synonyms"] == pytest.approx(saved["generality"]["UA_synonyms"])
         assert cell["concept_type"] == ("style" if concept == "neon" else "object")
-    stacked, single = cells[("hirm-r:paper+uce:paper", "neon")], cells[("uce:paper", "neon")]
+    stacked, single = cells[("hirm-s:paper+uce:paper", "neon")], cells[("uce:paper", "neon")]
     assert stacked["patch"]["components"] == ["text_encoder", "unet"] and stacked["erase_seconds"] > 0
     assert stacked["erase_seconds"] > single["erase_seconds"]  # the stack's parts add up
-    # hirm-r's default preset equals its paper preset today: one patch, one evaluation, two rows
-    twin = cells[("hirm-r:default+uce:paper", "neon")]
-    assert twin["same_patch_as"] == "hirm-r:paper+uce:paper" and twin["run"] == stacked["run"]
+    # hirm-s's default preset equals its paper preset: one patch, one evaluation, two rows
+    twin = cells[("hirm-s:default+uce:paper", "neon")]
+    assert twin["same_patch_as"] == "hirm-s:paper+uce:paper" and twin["run"] == stacked["run"]
     assert twin["metrics"] == stacked["metrics"] and twin["patch"]["sha256"] == stacked["patch"]["sha256"]
     assert cells[("base", "neon")]["erase_seconds"] is None and cells[("base", "neon")]["patch"] is None
     text = (out / "leaderboard.md").read_text()
@@ -132,7 +132,7 @@ def test_a_run_writes_one_cell_per_entry_and_concept(finished):
 
 def test_attack_columns_run_on_every_cell_and_reuse_twins(finished):
     out, board = finished
-    labels = ("base", "uce:paper", "hirm-r:paper+uce:paper", "hirm-r:default+uce:paper")
+    labels = ("base", "uce:paper", "hirm-s:paper+uce:paper", "hirm-s:default+uce:paper")
     assert board.attacks == ("encoder-swap:paper (prompts=1)", "synonyms:paper (prompts=1)")
     for attack in board.attacks:
         for label in labels:
@@ -140,11 +140,9 @@ def test_attack_columns_run_on_every_cell_and_reuse_twins(finished):
                 cell = board.attack_cell(attack, label, concept)
                 assert cell is not None and 0 <= cell["metrics"]["ASR"] <= 100
                 assert cell["budget"]["prompts"] == 1
-                if (
-                    label == "hirm-r:default+uce:paper"
-                ):  # same patch as the paper row: its attack run is reused
-                    twin = board.attack_cell(attack, "hirm-r:paper+uce:paper", concept)
-                    assert cell["same_patch_as"] == "hirm-r:paper+uce:paper" and cell["run"] == twin["run"]
+                if label == "hirm-s:default+uce:paper":  # the paper row's patch: its attack run is reused
+                    twin = board.attack_cell(attack, "hirm-s:paper+uce:paper", concept)
+                    assert cell["same_patch_as"] == "hirm-s:paper+uce:paper" and cell["run"] == twin["run"]
                 else:
                     saved = json.loads((out / cell["run"] / "metrics.json").read_text())
                     assert saved["ASR"] == cell["metrics"]["ASR"] and saved["attack"] == attack.split(":")[0]
@@ -189,7 +187,7 @@ def test_shards_fill_one_directory_and_each_writes_what_is_finished(finished, mo
 
     out, board = finished
     monkeypatch.setattr(canvas, "evaluate_minicanvas", lambda *a, **k: pytest.fail("evaluated again"))
-    entries = parse_entries(["uce:paper", "hirm-r:paper+uce:paper", "hirm-r:default+uce:paper"])
+    entries = parse_entries(["uce:paper", "hirm-s:paper+uce:paper", "hirm-s:default+uce:paper"])
     second = run_bench(model, out, entries, ["neon", "star"], settings=GRID, classifier=fake_classifier(),
                        shard=(1, 2))  # fmt: skip
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from erasekit.errors import ErasekitError
-from erasekit.methods.hirm.config import HirmConfig, HirmSConfig, presets
+from erasekit.methods.hirm.config import HIRM_R_DEFAULT, HirmConfig, HirmSConfig, presets
 from erasekit.methods.hirm.train import TrainResult, trained
 from erasekit.patch import Patch
 from erasekit.registry import register
@@ -65,7 +65,7 @@ def _check_target(config: HirmConfig, method: str, target: str) -> None:
 @register(
     "hirm-r",
     HirmConfig,
-    presets=presets(coefficient=5000.0),
+    presets=presets(coefficient=5000.0, default_changes=HIRM_R_DEFAULT),
     default_preset="default",
     summary="HiRM-R: train CLIP block 0 so the concept's last-block representation hits a random vector",
 )

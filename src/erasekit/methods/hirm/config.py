@@ -204,7 +204,16 @@ def paper_preset(coefficient: float) -> dict[str, Any]:
     return {**_PAPER_COMMON, "coefficient": coefficient, **_PAPER_TYPED}
 
 
-def presets(coefficient: float) -> dict[str, dict[str, Any]]:
-    """``paper`` and ``default``. ``default`` equals ``paper`` until MiniCanvas measurements justify a change
-    (docs/hirm.md keeps the ablation table)."""
-    return {"paper": paper_preset(coefficient), "default": paper_preset(coefficient)}
+def presets(coefficient: float, default_changes: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """``paper`` and ``default``: ``default`` is ``paper`` plus only the changes that won on MiniCanvas
+    (docs/hirm.md keeps the ablation table and the rule)."""
+    return {
+        "paper": paper_preset(coefficient),
+        "default": {**paper_preset(coefficient), **(default_changes or {})},
+    }
+
+
+#: What hirm-r's ``default`` changes from ``paper``: the loss skips position 0 (BOS). On MiniCanvas it kept
+#: object UA and raised style UA (72.2 -> 75.0) and IRA/CRA slightly (docs/hirm.md, benchmarks/hirm_ablation.py).
+#: hirm-s was not measured with it, so its ``default`` stays ``paper``.
+HIRM_R_DEFAULT = {"loss_positions": "no_bos"}
