@@ -397,9 +397,9 @@ def test_templates_synonyms_and_joint_targets(tok):
 
 def test_multi_concept_joint_and_average(tok):
     model = tiny_model(tok)
-    joint = registry.erase(model, ["Van Gogh", "Monet"], "hirm-r", multi="joint", steps=3)
-    one = registry.erase(model, ["Van Gogh"], "hirm-r", steps=3)
-    two = registry.erase(model, ["Monet"], "hirm-r", steps=3)
+    joint = registry.erase(model, ["Van Gogh", "Monet"], "hirm-r", preset="paper", multi="joint", steps=3)
+    one = registry.erase(model, ["Van Gogh"], "hirm-r", preset="paper", steps=3)
+    two = registry.erase(model, ["Monet"], "hirm-r", preset="paper", steps=3)
     avg = registry.erase(model, ["Van Gogh", "Monet"], "hirm-r", preset="paper", steps=3)
     for key, value in avg.tensors.items():
         torch.testing.assert_close(value, (one.tensors[key] + two.tensors[key]) / 2)
@@ -472,3 +472,18 @@ def test_cli_erase_paper_preset_equals_reference(tok, tmp_path):
     for name, value in expected.items():
         assert torch.equal(patch.tensors[f"text_encoder/{name}"], value), name
     assert patch.method == "hirm-r" and patch.config["seed"] == 42 and patch.erase_seconds > 0
+
+
+def test_default_preset_is_paper_plus_only_the_measured_change():
+    from dataclasses import asdict
+
+    for kind in ("style", "object", "nsfw"):
+        paper, default = (
+            asdict(registry.make_config("hirm-r", "paper", kind)),
+            asdict(registry.make_config("hirm-r", "default", kind)),
+        )
+        assert {k for k in paper if paper[k] != default[k]} == {"loss_positions"}
+        assert default["loss_positions"] == "no_bos"  # docs/hirm.md: the only change that passed the rule
+        assert registry.make_config("hirm-s", "default", kind) == registry.make_config(
+            "hirm-s", "paper", kind
+        )
