@@ -9,26 +9,16 @@ import regex
 
 from erasekit.models.tokenizer import BOS, EOS, bytes_to_unicode, clip_tokenizer, clip_vocab_and_merges
 
+# fmt: off
 GOLDEN = {
     "a photo of a cat": [49406, 320, 1125, 539, 320, 2368, 49407],
     "Van Gogh": [49406, 2451, 19697, 49407],
     "A watercolor painting of a dog, by Van Gogh!": [
-        49406,
-        320,
-        14211,
-        3086,
-        539,
-        320,
-        1929,
-        267,
-        638,
-        2451,
-        19697,
-        256,
-        49407,
-    ],  # fmt: skip
+        49406, 320, 14211, 3086, 539, 320, 1929, 267, 638, 2451, 19697, 256, 49407,
+    ],
     "Hello   WORLD": [49406, 3306, 1002, 49407],
 }
+# fmt: on
 PROMPTS = [
     *GOLDEN,
     "naïve café déjà vu",
