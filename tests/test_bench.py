@@ -17,7 +17,7 @@ from erasekit.bench import (
     sample_concepts,
     stack,
 )
-from erasekit.bench.board import Board, aggregate, attack_rows, markdown, table_rows
+from erasekit.bench.board import Board, aggregate, attack_header, attack_rows, markdown, table_rows
 from erasekit.bench.cells import Bench, open_bench
 from erasekit.bench.memory import PeakMemory
 from erasekit.cli.main import main
@@ -147,7 +147,8 @@ def test_attack_columns_run_on_every_cell_and_reuse_twins(finished):
                     saved = json.loads((out / cell["run"] / "metrics.json").read_text())
                     assert saved["ASR"] == cell["metrics"]["ASR"] and saved["attack"] == attack.split(":")[0]
     text = (out / "leaderboard.md").read_text()
-    assert "### Attacks on the styles" in text and "encoder-swap:paper (prompts=1) ASR" in text
+    assert "### Attacks on the styles" in text and "| encoder-swap:paper ASR ↓ |" in text
+    assert "`encoder-swap:paper (prompts=1)`" in text  # the budget is named beside the table
     row = next(r for r in attack_rows(board, "style") if r[0] == "base")
     assert row[1] == f"{board.attack_cell(board.attacks[0], 'base', 'neon')['metrics']['ASR']:.1f}"
 
@@ -161,6 +162,30 @@ def test_attack_budgets_are_checked_before_anything_runs():
         parse_attacks(["nope"])
     rab = parse_attacks(["ring-a-bell:quick", "synonyms"], ["generations=3", "prompts=2"])
     assert dict(rab[0].budget) == {"generations": 3, "prompts": 2} and dict(rab[1].budget) == {"prompts": 2}
+
+
+def test_attack_columns_are_named_short_unless_two_share_a_name():
+    board = Board(labels=("base",), concepts={"style": ["neon"]}, cells=[],
+                  attacks=("synonyms:paper (prompts=4)", "seed-search:paper (prompts=2)"))  # fmt: skip
+    assert attack_header(board) == ["method", "synonyms:paper ASR ↓", "seed-search:paper ASR ↓"]
+    twice = Board(labels=("base",), concepts={"style": ["neon"]}, cells=[],
+                  attacks=("synonyms:paper (prompts=4)", "synonyms:paper (prompts=2)"))  # fmt: skip
+    assert attack_header(twice)[1:] == [
+        "synonyms:paper (prompts=4) ASR ↓",
+        "synonyms:paper (prompts=2) ASR ↓",
+    ]
+
+
+def test_a_scoped_attack_budget_applies_to_its_attack_only():
+    # one command can give two attacks different values of the same field
+    rab, syn = parse_attacks(["ring-a-bell:quick", "synonyms"], ["prompts=2", "ring-a-bell.prompts=4"])
+    assert dict(rab.budget) == {"prompts": 4} and dict(syn.budget) == {"prompts": 2}
+    # the column is the same whichever way its budget was spelled, so finished cells are reused
+    assert rab.key == parse_attacks(["ring-a-bell:quick"], ["prompts=4"])[0].key
+    with pytest.raises(ErasekitError, match="not among --attacks"):
+        parse_attacks(["synonyms"], ["ring-a-bell.prompts=4"])
+    with pytest.raises(ErasekitError, match="unknown budget key"):
+        parse_attacks(["synonyms", "ring-a-bell"], ["synonyms.generations=3"])
 
 
 def test_restart_skips_finished_cells(finished, model, monkeypatch):

@@ -62,9 +62,10 @@ class BenchAttack:
 
 
 def parse_attacks(names: Sequence[str], budget: Sequence[str] = (), seeds: int = 2) -> list[BenchAttack]:
-    """Attack columns from ``name`` / ``name:preset`` strings and shared ``KEY=VALUE`` budget overrides.
+    """Attack columns from ``name`` / ``name:preset`` strings and shared budget overrides.
 
-    A ``KEY=VALUE`` applies to every listed attack whose budget has that field, and must fit at least one.
+    ``KEY=VALUE`` applies to every listed attack whose budget has that field, and must fit at least one;
+    ``NAME.KEY=VALUE`` applies only to the attack ``NAME`` and wins over an unscoped ``KEY=VALUE``.
     """
     from erasekit.attacks import get_attack, make_budget
     from erasekit.cli.attack import parse_budget
@@ -81,19 +82,45 @@ def parse_attacks(names: Sequence[str], budget: Sequence[str] = (), seeds: int =
                 f"attack {spec.name} has no preset {preset!r}; known: {', '.join(spec.presets)}"
             )
         specs.append((spec, preset))
+    shared, scoped = _split_budget(budget, {spec.name for spec, _ in specs})
     used: set[str] = set()
     out = []
     for spec, preset in specs:
         fields = set(spec.config_cls.__dataclass_fields__)
-        mine = [item for item in budget if item.partition("=")[0].strip() in fields]
-        used.update(item for item in mine)
+        mine = [item for item in shared if _budget_key(item) in fields]
+        used.update(mine)
         overrides = parse_budget(mine, spec.config_cls)
+        overrides.update(parse_budget(scoped.get(spec.name, []), spec.config_cls))
         for kind in ("style", "object"):
             make_budget(spec.name, preset, kind, overrides)  # every budget error before any run
         out.append(BenchAttack(spec.name, preset, tuple(sorted(overrides.items())), seeds))
-    unused = [item for item in budget if item not in used]
+    unused = [item for item in shared if item not in used]
     if unused:
         raise ErasekitError(f"--attack-budget {unused[0]!r} fits none of the attacks {', '.join(names)}")
     if len({a.key for a in out}) != len(out):
         raise ErasekitError("an attack is listed twice with the same budget")
     return out
+
+
+def _budget_key(item: str) -> str:
+    return item.partition("=")[0].strip().replace("-", "_")
+
+
+def _split_budget(budget: Sequence[str], listed: set[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Unscoped ``KEY=VALUE`` items, and ``NAME.KEY=VALUE`` items by attack name (``NAME.`` removed)."""
+    shared: list[str] = []
+    scoped: dict[str, list[str]] = {}
+    for item in budget:
+        head, sep, _ = item.partition("=")
+        name, dot, key = head.partition(".")
+        if not dot:
+            shared.append(item)
+            continue
+        name = name.strip()
+        if name not in listed:
+            raise ErasekitError(
+                f"--attack-budget {item!r} names attack {name!r}, which is not among --attacks "
+                f"({', '.join(sorted(listed))})"
+            )
+        scoped.setdefault(name, []).append(key + sep + item.partition("=")[2])
+    return shared, scoped

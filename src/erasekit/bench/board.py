@@ -157,6 +157,18 @@ def attack_rows(board: Board, kind: str) -> list[list[str]]:
     return rows
 
 
+def attack_header(board: Board) -> list[str]:
+    """The attack tables' header: ``name:preset ASR ↓`` (the whole label where two columns share a name)."""
+    short = [a.split(" (")[0] for a in board.attacks]
+    names = short if len(set(short)) == len(short) else list(board.attacks)
+    return ["method", *(f"{n} ASR ↓" for n in names)]
+
+
+def attack_budgets(board: Board) -> str:
+    """One line naming each attack column's budget overrides (the full budgets are in every cell's JSON)."""
+    return "Attack budgets, the same for every method: " + "; ".join(f"`{a}`" for a in board.attacks) + "."
+
+
 # ---- Markdown ----------------------------------------------------------------------------------------------
 
 MEANINGS = (
@@ -192,9 +204,14 @@ def markdown(board: Board, title: str = "MiniCanvas leaderboard") -> str:
         lines += [_md_row(header), _md_row(["---"] * len(header))]
         lines += [_md_row(r) for r in table_rows(board, kind)] + [""]
         if board.attacks:
-            attack_header = ["method", *(f"{a} ASR ↓" for a in board.attacks)]
-            lines += [f"### Attacks on the {kind}s (ASR %, mean ± std over the {kind}s)", ""]
-            lines += [_md_row(attack_header), _md_row(["---"] * len(attack_header))]
+            head = attack_header(board)
+            lines += [
+                f"### Attacks on the {kind}s (ASR %, mean ± std over the {kind}s)",
+                "",
+                attack_budgets(board),
+                "",
+            ]
+            lines += [_md_row(head), _md_row(["---"] * len(head))]
             lines += [_md_row(r) for r in attack_rows(board, kind)] + [""]
     lines += ["## Reproduce", "", "```", board.command, "```", "", "## What the numbers mean", ""]
     lines += [f"- {m}" for m in MEANINGS] + [""]
@@ -231,9 +248,10 @@ def write_html(board: Board, out_dir: Path, path: Path, title: str = "MiniCanvas
             body += [f"<h2>{kind.title()}s: {html.escape(', '.join(board.concepts[kind]))}</h2>",
                      _table(header, rows), _chart(board, kind)]  # fmt: skip
             if board.attacks:
-                attack_header = ["method", *(html.escape(f"{a} ASR ↓") for a in board.attacks)]
+                head = [html.escape(h) for h in attack_header(board)]
                 attack_table = [[html.escape(c) for c in r] for r in attack_rows(board, kind)]
-                body += [f"<h3>Attacks on the {kind}s (ASR %)</h3>", _table(attack_header, attack_table)]
+                body += [f"<h3>Attacks on the {kind}s (ASR %)</h3>", f"<p>{html.escape(attack_budgets(board))}</p>",
+                         _table(head, attack_table)]  # fmt: skip
     for kind in KINDS:
         if board.concepts.get(kind):
             body.append(_images(board, out_dir, board.concepts[kind][0]))

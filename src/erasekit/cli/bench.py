@@ -32,8 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classifier", default=None, help="classifier checkpoint folder (default: built-in)")
     p.add_argument("--attacks", default=None,
                    help="comma-separated attacks (name or name:preset) run on every cell's patch: ASR columns")  # fmt: skip
-    p.add_argument("--attack-budget", action="append", default=[], metavar="KEY=VALUE",
-                   help="budget override for every listed attack that has the field (repeatable)")  # fmt: skip
+    p.add_argument("--attack-budget", action="append", default=[], metavar="[NAME.]KEY=VALUE",
+                   help="budget override for every listed attack that has the field, or only for attack NAME "
+                        "(repeatable)")  # fmt: skip
     p.add_argument("--attack-seeds", type=int, default=2, help="images per adversarial candidate")
     p.add_argument("--not-run", action="append", default=[], metavar="ENTRY=REASON",
                    help="show ENTRY as 'not run: REASON' instead of running it (repeatable)")  # fmt: skip
