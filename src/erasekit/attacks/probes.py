@@ -7,8 +7,12 @@
 - ``seed-search``: each base prompt with many seeds; a prompt falls when any seed shows the concept (``ASR``),
   and the share of images that show it is reported beside it (``ASR_images``).
 
-None of these has a published budget: the ``paper`` presets are ours, chosen to cost about as many images as
-the other attacks' defaults.
+None of these has a published budget: the ``paper`` presets are ours. They are not matched in cost to the
+optimising attacks. Per base prompt and ``--seeds S``: ``synonyms`` generates (synonyms + paraphrases) x S
+images, ``random-probe`` 8 x S, and ``seed-search`` 32 images whatever S is (the seeds are its search space),
+scored with the any-image rule. Ring-A-Bell, textual inversion and encoder swap generate S per prompt,
+UnlearnDiffAtk 2 x S (before and after). So a seed-search ASR is an upper bound at many more samples, not a
+rate comparable with the others'; compare methods within one column.
 """
 
 from __future__ import annotations
