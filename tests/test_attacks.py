@@ -348,6 +348,9 @@ def test_every_attack_runs_end_to_end(model, tmp_path, attack):
         assert saved["ASR"] == pytest.approx(saved["ASR_pre"] + saved["ASR_post"])
     if attack == "encoder-swap":
         assert saved["patch_generated_with"]["components"] == ["unet"]
+    # the seeds the images were made with are on record: seed search's own, or the run's
+    used = {s["seed"] for s in scores}
+    assert used == set(saved["sampling"].get("candidate_seeds") or saved["sampling"]["seeds"])
 
 
 def test_nsfw_attacks_score_with_a_nudenet_preset(model, tmp_path):

@@ -96,12 +96,16 @@ def run_attack(
 def _describe(target: AttackTarget, result: AttackResult, detector: Any | None) -> dict[str, Any]:
     """What was attacked and how: concept, prompts, sampling, detector, the patches, the attack's statistics."""
     ps, plan = target.prompts, target.sampling
+    sampling: dict[str, Any] = {"steps": plan.steps, "guidance": plan.guidance, "seeds": list(plan.seeds)}
+    own = sorted({s for c in result.candidates if c.seeds for s in c.seeds})
+    if own:  # seed search: its candidates carry their own seeds, which replace the run's
+        sampling["candidate_seeds"] = own
     return {
         "concept": ps.concept,
         "concept_type": ps.concept_type,
         "prompt_source": ps.source,
         "base_prompts": len(ps.positives),
-        "sampling": {"steps": plan.steps, "guidance": plan.guidance, "seeds": list(plan.seeds)},
+        "sampling": sampling,
         "detector": detector.info if detector else None,
         "stats": result.stats,
         "patch_under_attack": target.patch.summary() if target.patch else None,
