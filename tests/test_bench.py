@@ -164,6 +164,30 @@ def test_attack_budgets_are_checked_before_anything_runs():
     assert dict(rab[0].budget) == {"generations": 3, "prompts": 2} and dict(rab[1].budget) == {"prompts": 2}
 
 
+def test_attack_sheets_show_each_entry_and_mark_successes(finished):
+    from PIL import Image
+
+    from erasekit.bench.board import SHEET_HEAD, SHEET_SCALE, SUCCESS_RGB, attack_sheet
+
+    out, board = finished
+    attack = parse_attacks(["synonyms"], ["prompts=1"], seeds=1)[0]
+    cells = [c for c in board.attack_cells if c["attack"] == attack.label]
+    shown = []  # the first two attacked images of every cell, as the sheet picks them
+    for cell in cells:
+        lines = [json.loads(x) for x in (out / cell["run"] / "scores.jsonl").read_text().splitlines()]
+        shown += [e["success"] for e in lines if e["phase"] == "attack"][:2]
+    with Image.open(next((out / "attack-runs").rglob("*.png"))) as im:
+        tile = im.width * SHEET_SCALE + 4
+    with Image.open(out / "attack-sheets" / f"{attack.key}.png") as sheet:
+        assert sheet.height == SHEET_HEAD + 4 * (
+            tile + 2
+        )  # base and the three entries; not-run rows left out
+        frames = {sheet.getpixel((x, y)) for x in range(sheet.width) for y in range(SHEET_HEAD, sheet.height)}
+    assert (SUCCESS_RGB in frames) == any(shown)  # a red frame exactly where a shown image fell to the attack
+    assert "Attack images: synonyms:paper" in (out / "report.html").read_text()
+    assert attack_sheet(board, out, "ring-a-bell:quick") is None  # no cell of it
+
+
 def test_attack_columns_are_named_short_unless_two_share_a_name():
     board = Board(labels=("base",), concepts={"style": ["neon"]}, cells=[],
                   attacks=("synonyms:paper (prompts=4)", "seed-search:paper (prompts=2)"))  # fmt: skip

@@ -9,6 +9,7 @@ A leaderboard is a directory that fills up cell by cell, so a run cut short resu
     DIR/cells/<entry>/<concept>.json        the cell's result; its presence marks the cell finished
     DIR/attacks/<attack>/<entry>/<concept>.json, DIR/attack-runs/...   attack columns (:mod:`.attacks`)
     DIR/leaderboard.md, DIR/report.html     the tables and the page (:mod:`erasekit.bench.board`)
+    DIR/attack-sheets/<attack>.png          each attack column's first images per entry and concept
 
 An entry is one row of the leaderboard: ``method``, ``method:preset``, or a stack ``hirm-r+uce`` whose patches
 (touching disjoint tensors) are composed and measured as a method of its own. ``base`` is the unpatched model.
@@ -35,7 +36,7 @@ from erasekit.bench.cells import (
 )
 from erasekit.bench.entries import BASE, Entry, check_stack, parse_entries, sample_concepts, stack
 from erasekit.errors import ErasekitError
-from erasekit.io import atomic_write_text
+from erasekit.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["BASE", "Bench", "BenchAttack", "BenchSettings", "Entry", "parse_attacks", "check_stack", "parse_entries", "run_bench",
            "sample_concepts", "stack"]  # fmt: skip
@@ -85,7 +86,7 @@ def run_bench(
     """
     from dataclasses import asdict
 
-    from erasekit.bench.board import Board, markdown, write_html
+    from erasekit.bench.board import Board, attack_sheet, markdown, write_html
     from erasekit.evaluation.classifiers import builtin_classifier
     from erasekit.evaluation.record import model_fingerprint
 
@@ -116,6 +117,10 @@ def run_bench(
                   attack_cells=read_attack_cells(out, attacks, [BASE, *labels], concepts))  # fmt: skip
     atomic_write_text(out / "leaderboard.md", markdown(board))
     write_html(board, out, out / "report.html")
+    for attack in attacks:
+        png = attack_sheet(board, out, attack.label)
+        if png:
+            atomic_write_bytes(out / "attack-sheets" / f"{attack.key}.png", png)
     return board
 
 

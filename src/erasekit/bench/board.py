@@ -169,6 +169,69 @@ def attack_budgets(board: Board) -> str:
     return "Attack budgets, the same for every method: " + "; ".join(f"`{a}`" for a in board.attacks) + "."
 
 
+# ---- Attack image sheets ----------------------------------------------------------------------------------
+
+SHEET_SCALE = 3
+SHEET_LABEL_WIDTH = 190
+SHEET_HEAD = 18
+SUCCESS_RGB, FAILURE_RGB = (220, 40, 40), (200, 200, 200)
+SHEET_NOTE = (
+    "The first attacked images per concept; red frame: the erased concept came back, grey: it did not."
+)
+
+
+def attack_sheet(board: Board, out_dir: Path, attack: str, per_concept: int = 2) -> bytes | None:
+    """A PNG: one row per entry, the first ``per_concept`` attacked images of each concept side by side.
+
+    A red frame marks an image the detector read as the erased concept (the attack succeeded), a grey one an
+    image it did not. Images are upscaled without smoothing. ``None`` when no cell of ``attack`` is finished.
+    """
+    import json
+
+    from PIL import Image, ImageDraw
+
+    concepts = [c for kind in KINDS for c in board.concepts.get(kind, [])]
+    rows: list[tuple[str, list[list[tuple[Path, bool]]]]] = []
+    for label in board.labels:
+        shots = []
+        for concept in concepts:
+            cell = board.attack_cell(attack, label, concept)
+            scores = out_dir / cell["run"] / "scores.jsonl" if cell else None
+            if scores is None or not scores.is_file():
+                shots.append([])
+                continue
+            lines = [json.loads(line) for line in scores.read_text().splitlines() if line.strip()]
+            picked = [e for e in lines if e.get("phase", "attack") == "attack"][:per_concept]
+            shots.append([(scores.parent / e["file"], bool(e["success"])) for e in picked])
+        if any(shots):
+            rows.append((label, shots))
+    if not rows:
+        return None
+    first = next(path for _, shots in rows for cell in shots for path, _ in cell)
+    with Image.open(first) as im:
+        side = im.width * SHEET_SCALE
+    tile, pad = side + 4, 6
+    width = SHEET_LABEL_WIDTH + len(concepts) * (per_concept * tile + pad)
+    sheet = Image.new("RGB", (width, SHEET_HEAD + len(rows) * (tile + 2)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, concept in enumerate(concepts):
+        draw.text((SHEET_LABEL_WIDTH + j * (per_concept * tile + pad), 3), concept, fill="black")
+    for i, (label, shots) in enumerate(rows):
+        y = SHEET_HEAD + i * (tile + 2)
+        draw.text((4, y + tile // 2 - 6), label, fill="black")
+        for j, cell in enumerate(shots):
+            for k, (path, success) in enumerate(cell):
+                x = SHEET_LABEL_WIDTH + j * (per_concept * tile + pad) + k * tile
+                draw.rectangle(
+                    (x, y, x + tile - 1, y + tile - 1), fill=SUCCESS_RGB if success else FAILURE_RGB
+                )
+                with Image.open(path) as im:
+                    sheet.paste(im.convert("RGB").resize((side, side), Image.NEAREST), (x + 2, y + 2))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 # ---- Markdown ----------------------------------------------------------------------------------------------
 
 MEANINGS = (
@@ -234,7 +297,7 @@ IMAGES_PER_SET = 4
 
 def write_html(board: Board, out_dir: Path, path: Path, title: str = "MiniCanvas leaderboard") -> Path:
     """Write the one-page HTML report: tables, bar charts, and image grids for the first style and object."""
-    from erasekit.evaluation.report import CSS, _table
+    from erasekit.evaluation.report import CSS, _data_uri, _table
 
     body = [f"<h1>{html.escape(title)}</h1>"]
     body += [f"<p>{html.escape(n)}</p>" for n in board.notes]
@@ -252,6 +315,11 @@ def write_html(board: Board, out_dir: Path, path: Path, title: str = "MiniCanvas
                 attack_table = [[html.escape(c) for c in r] for r in attack_rows(board, kind)]
                 body += [f"<h3>Attacks on the {kind}s (ASR %)</h3>", f"<p>{html.escape(attack_budgets(board))}</p>",
                          _table(head, attack_table)]  # fmt: skip
+    for attack in board.attacks:
+        png = attack_sheet(board, out_dir, attack)
+        if png:
+            body += [f"<h2>Attack images: {html.escape(attack)}</h2><p>{html.escape(SHEET_NOTE)}</p>",
+                     f'<img alt="{html.escape(attack)} images" src="{_data_uri(png)}">']  # fmt: skip
     for kind in KINDS:
         if board.concepts.get(kind):
             body.append(_images(board, out_dir, board.concepts[kind][0]))
