@@ -172,6 +172,20 @@ def test_save_never_clobbers(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["p"]  # no staging directories left behind
 
 
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = make_patch(tiny_model()).save(tmp_path / "p")
+    finally:
+        os.umask(old)
+    # staged in mkdtemp / mkstemp (0700 / 0600), the results still read like any file the user makes
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o644}
+
+
 def test_export_import_round_trip(tmp_path):
     model = tiny_model()
     patch = make_patch(model, names=(W0, B0))

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _usual_mode(0o666))  # mkstemp makes 0600; the result should look like any new file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -69,6 +71,7 @@ def output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _usual_modes(staging)
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -76,3 +79,27 @@ def output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     os.replace(staging, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _usual_mode(full: int) -> int:
+    """``full`` less the process umask: the mode ``open()`` / ``mkdir()`` would give a new file or folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return full & ~mask
+
+
+def _usual_modes(root: Path) -> None:
+    """Give ``root`` and everything in it the modes of freshly made files and folders.
+
+    Staging folders come from ``mkdtemp`` (0700) and some writers (safetensors) make 0600 files: without this a
+    patch or a run would be unreadable to the user's group even where their umask allows it.
+    """
+    file_mode, dir_mode = _usual_mode(0o666), _usual_mode(0o777)
+    os.chmod(root, dir_mode)
+    for item in root.rglob("*"):
+        if item.is_symlink():
+            continue
+        if item.is_dir():
+            os.chmod(item, dir_mode)
+        elif not item.stat().st_mode & stat.S_IXUSR:
+            os.chmod(item, file_mode)
