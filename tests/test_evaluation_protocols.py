@@ -174,7 +174,7 @@ def test_shipped_minicanvas_with_the_builtin_classifier(tmp_path):
 
     clf = load_classifier()
     for key, (obj, style) in m["predictions"].items():
-        pixels = np.asarray(Image.open(tmp_path / "run" / "images" / f"{key}.png").convert("RGB"))
+        pixels = np.array(Image.open(tmp_path / "run" / "images" / f"{key}.png").convert("RGB"))
         x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # [1, 3, 32, 32] in [-1, 1]
         obj_logits, style_logits = clf.predict(x)
         assert (clf.object_names[int(obj_logits.argmax())], clf.style_names[int(style_logits.argmax())]) == (
