@@ -109,8 +109,10 @@ def load_pipeline(device: str = "cpu") -> Any:
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from erasekit.models.loading import diffusers_dtype
+
     pipe = StableDiffusionPipeline.from_pretrained(
-        weights_dir(), torch_dtype=torch.float32, use_safetensors=True
+        weights_dir(), **diffusers_dtype(torch.float32), use_safetensors=True
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -178,6 +178,7 @@ def rebuild_classifier(folder: str | Path, cfg: TrainConfig, log: Log = lambda _
     from erasekit.minicanvas.data import render_set
     from erasekit.minicanvas.evaluate import heldout_accuracy
     from erasekit.minicanvas.train import encode_latents, reconstruct, train_classifier
+    from erasekit.models.loading import diffusers_dtype
 
     folder = Path(folder)
     if not (folder / PIPELINE_DIR / "vae").is_dir():
@@ -185,7 +186,9 @@ def rebuild_classifier(folder: str | Path, cfg: TrainConfig, log: Log = lambda _
     rngs = _seeds(cfg.seed)
     data = render_set(cfg.per_cell, rngs["render_train"])
     heldout = render_set(cfg.heldout_per_cell, rngs["render_heldout"], desc="render held-out")
-    vae = AutoencoderKL.from_pretrained(folder / PIPELINE_DIR / "vae", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(
+        folder / PIPELINE_DIR / "vae", **diffusers_dtype(torch.float32)
+    ).eval()
     recon = reconstruct(vae, encode_latents(vae, data.images)[0])
     _replay_init(cfg)
     start = time.perf_counter()

@@ -181,7 +181,9 @@ def _load_pipeline(path: Path, class_name: str, dtype: torch.dtype, allow_pickle
         for folder in sorted(p for p in path.iterdir() if p.is_dir()):
             _refuse_pickle_only(folder)
     try:
-        return cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=None if allow_pickle else True)
+        return cls.from_pretrained(
+            path, **diffusers_dtype(dtype), use_safetensors=None if allow_pickle else True
+        )
     except (OSError, ValueError) as e:
         raise ErasekitError(f"cannot load {path}: {_first_line(e)}") from None
 
@@ -195,7 +197,8 @@ def _load_component(
         raise ErasekitError(f"{path}: {library} has no class {class_name} for {name}")
     kwargs: dict[str, Any] = {}
     if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
-        kwargs = {"torch_dtype": dtype, "use_safetensors": None if allow_pickle else True}
+        dtype_kw = {"dtype": dtype} if library == "transformers" else diffusers_dtype(dtype)
+        kwargs = {**dtype_kw, "use_safetensors": None if allow_pickle else True}
         if not allow_pickle:
             _refuse_pickle_only(path / name)
     try:
@@ -212,6 +215,14 @@ def _refuse_pickle_only(folder: Path) -> None:
             f"{folder} holds only pickled weights ({pickles[0]}), which can run code when loaded; "
             f"convert them to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust the source"
         )
+
+
+def diffusers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype keyword of diffusers' ``from_pretrained``: ``dtype`` where it exists (``torch_dtype`` is
+    deprecated there), ``torch_dtype`` on older diffusers."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
 def _library_module(library: str) -> Any:
