@@ -8,7 +8,7 @@ reports the largest relative difference) and so the same search.
 
 Run::
 
-    .venv/bin/python benchmarks/ring_a_bell_speed.py                 # about 5 minutes on 2 cores
+    .venv/bin/python benchmarks/ring_a_bell_speed.py                 # about 2 minutes on 2 idle cores
     .venv/bin/python benchmarks/ring_a_bell_speed.py --encoders minicanvas --repeats 5
 
 Encoders: ``clip-l`` is SD1.x's CLIP ViT-L/14 text encoder at its published size with seeded random weights
