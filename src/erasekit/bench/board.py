@@ -207,7 +207,9 @@ def attack_sheet(board: Board, out_dir: Path, attack: str, per_concept: int = 2)
             rows.append((label, shots))
     if not rows:
         return None
-    first = next(path for _, shots in rows for cell in shots for path, _ in cell)
+    first = next((p for _, shots in rows for cell in shots for p, _ in cell if p.is_file()), None)
+    if first is None:
+        return None
     with Image.open(first) as im:
         side = im.width * SHEET_SCALE
     tile, pad = side + 4, 6
@@ -225,8 +227,9 @@ def attack_sheet(board: Board, out_dir: Path, attack: str, per_concept: int = 2)
                 draw.rectangle(
                     (x, y, x + tile - 1, y + tile - 1), fill=SUCCESS_RGB if success else FAILURE_RGB
                 )
-                with Image.open(path) as im:
-                    sheet.paste(im.convert("RGB").resize((side, side), Image.NEAREST), (x + 2, y + 2))
+                if path.is_file():  # a deleted image leaves its frame empty rather than losing the page
+                    with Image.open(path) as im:
+                        sheet.paste(im.convert("RGB").resize((side, side), Image.NEAREST), (x + 2, y + 2))
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     return buf.getvalue()
