@@ -56,7 +56,10 @@ def measure(name: str, population: int, k: int, repeats: int) -> dict[str, Any]:
     vocab = ordinary_tokens(encoders.tokenizer)
     ids = vocab[torch.randint(0, len(vocab), (population, k), generator=g)]
     target = [h[:1] for h in encoders.prompts(["A house image in sketch style."])]
-    variants = {"plain (one individual per call)": plain_fitness, "erasekit (population in one batch)": fitness}
+    variants = {
+        "plain (one individual per call)": plain_fitness,
+        "erasekit (population in one batch)": fitness,
+    }
     results = {v: f(encoders, ids, target) for v, f in variants.items()}  # warm-up, and the values compared
     plain, ours = results.values()
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -83,7 +86,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"population {args.population}, K {args.tokens}, {args.threads} torch thread(s), "
           f"{args.repeats} repeat(s)\n")  # fmt: skip
-    print("| encoder | variant | s / generation (best) | (median) | speed-up (median) | max rel. fitness diff |")
+    print(
+        "| encoder | variant | s / generation (best) | (median) | speed-up (median) | max rel. fitness diff |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for name in args.encoders.split(","):
         r = measure(name.strip(), args.population, args.tokens, args.repeats)
