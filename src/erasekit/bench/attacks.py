@@ -68,7 +68,7 @@ def parse_attacks(names: Sequence[str], budget: Sequence[str] = (), seeds: int =
     ``NAME.KEY=VALUE`` applies only to the attack ``NAME`` and wins over an unscoped ``KEY=VALUE``.
     """
     from erasekit.attacks import get_attack, make_budget
-    from erasekit.cli.attack import parse_budget
+    from erasekit.typed import parse_overrides
 
     if seeds < 1:
         raise ErasekitError("--attack-seeds must be >= 1")
@@ -89,8 +89,8 @@ def parse_attacks(names: Sequence[str], budget: Sequence[str] = (), seeds: int =
         fields = set(spec.config_cls.__dataclass_fields__)
         mine = [item for item in shared if _budget_key(item) in fields]
         used.update(mine)
-        overrides = parse_budget(mine, spec.config_cls)
-        overrides.update(parse_budget(scoped.get(spec.name, []), spec.config_cls))
+        overrides = parse_overrides(mine, spec.config_cls, "--attack-budget")
+        overrides.update(parse_overrides(scoped.get(spec.name, []), spec.config_cls, "--attack-budget"))
         for kind in ("style", "object"):
             make_budget(spec.name, preset, kind, overrides)  # every budget error before any run
         out.append(BenchAttack(spec.name, preset, tuple(sorted(overrides.items())), seeds))

@@ -7,7 +7,8 @@ import dataclasses
 import json
 from typing import Any
 
-from erasekit.cli.options import add_model_arg, add_out_arg, convert, type_hints
+from erasekit.cli.options import add_model_arg, add_out_arg
+from erasekit.typed import parse_overrides
 
 CONCEPT_TYPES = ("style", "object", "nsfw")
 
@@ -48,20 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_budget(items: list[str], config_cls: type) -> dict[str, Any]:
-    """``["key=value", ...]`` -> typed overrides of ``config_cls``'s fields."""
-    from erasekit.errors import ErasekitError
-
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise ErasekitError(f"--budget takes KEY=VALUE, not {item!r}")
-        if key not in fields:
-            raise ErasekitError(f"unknown budget key {key!r}; known: {', '.join(sorted(fields))}")
-        out[key] = convert(raw.strip(), type_hints(config_cls)[key], key)
-    return out
+    """``--budget KEY=VALUE`` items -> typed overrides of ``config_cls``'s fields."""
+    return parse_overrides(items, config_cls, "--budget")
 
 
 def run_attack_cmd(args: argparse.Namespace) -> int:

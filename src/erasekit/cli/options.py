@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import types
-import typing
 from typing import Any
 
 from erasekit.errors import ErasekitError
+from erasekit.typed import convert, type_hints
 
 CONFIG_PREFIX = "cfg_"
 
@@ -49,37 +47,6 @@ def config_overrides(args: argparse.Namespace, config_cls: type) -> dict[str, An
             raise ErasekitError(f"option --{name.replace('_', '-')} does not apply to this method")
         out[name] = convert(raw, hints[name], name)
     return out
-
-
-@functools.cache
-def type_hints(config_cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(config_cls)
-
-
-def convert(raw: str, hint: Any, name: str) -> Any:
-    """Parse a command-line string as ``hint`` (int, float, bool, str, tuples, ``X | None``)."""
-    origin, targs = typing.get_origin(hint), typing.get_args(hint)
-    try:
-        if origin in (types.UnionType, typing.Union):
-            if raw.lower() == "none" and type(None) in targs:
-                return None
-            return convert(raw, next(a for a in targs if a is not type(None)), name)
-        if origin is tuple:
-            inner = targs[0] if targs else str
-            return tuple(convert(p.strip(), inner, name) for p in raw.split(",") if p.strip())
-        if origin is typing.Literal:
-            if raw not in targs:
-                raise ValueError(f"choose one of {', '.join(map(str, targs))}")
-            return raw
-        if hint is bool:
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError("expected true or false")
-            return raw.lower() in ("true", "1", "yes")
-        if hint in (int, float, str):
-            return hint(raw)
-    except ValueError as e:
-        raise ErasekitError(f"bad value {raw!r} for --{name.replace('_', '-')}: {e}") from None
-    return raw
 
 
 def add_model_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
