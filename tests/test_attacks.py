@@ -422,7 +422,7 @@ def test_cli_errors_exit_2_with_one_line(tiny_sd15_dir, tmp_path, capsys, args, 
 def test_cli_budget_values_are_typed():
     from erasekit.attacks.probes import SynonymsConfig
     from erasekit.attacks.ring_a_bell import RingABellConfig
-    from erasekit.cli.attack import parse_budget
+    from erasekit.typed import parse_overrides as parse_budget
 
     assert parse_budget(["names=a, b", "paraphrases=false"], SynonymsConfig) == {
         "names": ("a", "b"),

@@ -50,11 +50,15 @@ def parse_overrides(items: list[str], config_cls: type, flag: str = "--budget") 
     fields = {f.name for f in dataclasses.fields(config_cls)}
     out: dict[str, Any] = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip().replace("-", "_")
+        key, (_, sep, raw) = override_key(item), item.partition("=")
         if not sep or not key:
             raise ErasekitError(f"{flag} takes KEY=VALUE, not {item!r}")
         if key not in fields:
             raise ErasekitError(f"unknown budget key {key!r}; known: {', '.join(sorted(fields))}")
         out[key] = convert(raw.strip(), type_hints(config_cls)[key], key)
     return out
+
+
+def override_key(item: str) -> str:
+    """The field a ``KEY=VALUE`` item names (a dash read as an underscore)."""
+    return item.partition("=")[0].strip().replace("-", "_")

@@ -116,11 +116,11 @@ def run_bench(
                   attacks=tuple(a.label for a in attacks),
                   attack_cells=read_attack_cells(out, attacks, [BASE, *labels], concepts))  # fmt: skip
     atomic_write_text(out / "leaderboard.md", markdown(board))
-    write_html(board, out, out / "report.html")
+    sheets = {a.label: png for a in attacks if (png := attack_sheet(board, out, a.label))}
     for attack in attacks:
-        png = attack_sheet(board, out, attack.label)
-        if png:
-            atomic_write_bytes(out / "attack-sheets" / f"{attack.key}.png", png)
+        if attack.label in sheets:
+            atomic_write_bytes(out / "attack-sheets" / f"{attack.key}.png", sheets[attack.label])
+    write_html(board, out, out / "report.html", sheets=sheets)
     return board
 
 

@@ -68,7 +68,7 @@ def parse_attacks(names: Sequence[str], budget: Sequence[str] = (), seeds: int =
     ``NAME.KEY=VALUE`` applies only to the attack ``NAME`` and wins over an unscoped ``KEY=VALUE``.
     """
     from erasekit.attacks import get_attack, make_budget
-    from erasekit.typed import parse_overrides
+    from erasekit.typed import override_key, parse_overrides
 
     if seeds < 1:
         raise ErasekitError("--attack-seeds must be >= 1")
@@ -87,7 +87,7 @@ def parse_attacks(names: Sequence[str], budget: Sequence[str] = (), seeds: int =
     out = []
     for spec, preset in specs:
         fields = set(spec.config_cls.__dataclass_fields__)
-        mine = [item for item in shared if _budget_key(item) in fields]
+        mine = [item for item in shared if override_key(item) in fields]
         used.update(mine)
         overrides = parse_overrides(mine, spec.config_cls, "--attack-budget")
         overrides.update(parse_overrides(scoped.get(spec.name, []), spec.config_cls, "--attack-budget"))
@@ -102,16 +102,12 @@ def parse_attacks(names: Sequence[str], budget: Sequence[str] = (), seeds: int =
     return out
 
 
-def _budget_key(item: str) -> str:
-    return item.partition("=")[0].strip().replace("-", "_")
-
-
 def _split_budget(budget: Sequence[str], listed: set[str]) -> tuple[list[str], dict[str, list[str]]]:
     """Unscoped ``KEY=VALUE`` items, and ``NAME.KEY=VALUE`` items by attack name (``NAME.`` removed)."""
     shared: list[str] = []
     scoped: dict[str, list[str]] = {}
     for item in budget:
-        head, sep, _ = item.partition("=")
+        head, sep, value = item.partition("=")
         name, dot, key = head.partition(".")
         if not dot:
             shared.append(item)
@@ -122,5 +118,5 @@ def _split_budget(budget: Sequence[str], listed: set[str]) -> tuple[list[str], d
                 f"--attack-budget {item!r} names attack {name!r}, which is not among --attacks "
                 f"({', '.join(sorted(listed))})"
             )
-        scoped.setdefault(name, []).append(key + sep + item.partition("=")[2])
+        scoped.setdefault(name, []).append(key + sep + value)
     return shared, scoped

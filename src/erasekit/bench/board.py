@@ -298,8 +298,18 @@ def _md_row(cells: Sequence[str]) -> str:
 IMAGES_PER_SET = 4
 
 
-def write_html(board: Board, out_dir: Path, path: Path, title: str = "MiniCanvas leaderboard") -> Path:
-    """Write the one-page HTML report: tables, bar charts, and image grids for the first style and object."""
+def write_html(
+    board: Board,
+    out_dir: Path,
+    path: Path,
+    title: str = "MiniCanvas leaderboard",
+    sheets: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Write the one-page HTML report: tables, bar charts, and image grids for the first style and object.
+
+    ``sheets``: the attack columns' image sheets by attack label, where the caller has made them already
+    (:func:`attack_sheet`); made here otherwise.
+    """
     from erasekit.evaluation.report import CSS, _data_uri, _table
 
     body = [f"<h1>{html.escape(title)}</h1>"]
@@ -318,11 +328,11 @@ def write_html(board: Board, out_dir: Path, path: Path, title: str = "MiniCanvas
                 attack_table = [[html.escape(c) for c in r] for r in attack_rows(board, kind)]
                 body += [f"<h3>Attacks on the {kind}s (ASR %)</h3>", f"<p>{html.escape(attack_budgets(board))}</p>",
                          _table(head, attack_table)]  # fmt: skip
-    for attack in board.attacks:
-        png = attack_sheet(board, out_dir, attack)
-        if png:
-            body += [f"<h2>Attack images: {html.escape(attack)}</h2><p>{html.escape(SHEET_NOTE)}</p>",
-                     f'<img alt="{html.escape(attack)} images" src="{_data_uri(png)}">']  # fmt: skip
+    if sheets is None:
+        sheets = {a: png for a in board.attacks if (png := attack_sheet(board, out_dir, a))}
+    for attack, png in sheets.items():
+        body += [f"<h2>Attack images: {html.escape(attack)}</h2><p>{html.escape(SHEET_NOTE)}</p>",
+                 f'<img alt="{html.escape(attack)} images" src="{_data_uri(png)}">']  # fmt: skip
     for kind in KINDS:
         if board.concepts.get(kind):
             body.append(_images(board, out_dir, board.concepts[kind][0]))

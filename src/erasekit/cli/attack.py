@@ -48,11 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.set_defaults(func=run_attacks_cmd)
 
 
-def parse_budget(items: list[str], config_cls: type) -> dict[str, Any]:
-    """``--budget KEY=VALUE`` items -> typed overrides of ``config_cls``'s fields."""
-    return parse_overrides(items, config_cls, "--budget")
-
-
 def run_attack_cmd(args: argparse.Namespace) -> int:
     from erasekit.attacks import get_attack, make_budget
     from erasekit.attacks.concepts import guess_type
@@ -64,7 +59,7 @@ def run_attack_cmd(args: argparse.Namespace) -> int:
 
     spec = get_attack(args.attack)
     concept_type = args.concept_type or guess_type(args.concept)
-    budget = parse_budget(args.budget, spec.config_cls)
+    budget = parse_overrides(args.budget, spec.config_cls, "--budget")
     make_budget(args.attack, args.preset, concept_type, budget)  # every budget error before any loading
     if args.seeds < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
         raise ErasekitError("--seeds, --steps and --batch-size must be at least 1")
