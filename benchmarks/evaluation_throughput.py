@@ -32,8 +32,9 @@ def _model(tiny: bool, source: str):
 
 def throughput(model, batch_sizes: list[int], images: int, steps: int) -> list[tuple[int, float]]:
     """Images per second of the runner at each batch size (a fresh output folder each time)."""
-    from erasekit.evaluation.canvas import grid_jobs, seed_list
-    from erasekit.evaluation.runner import Sampling, generate
+    from erasekit.evaluation.protocols.minicanvas import grid_jobs, seed_list
+    from erasekit.evaluation.runner import generate
+    from erasekit.generation import Sampling
     from erasekit.minicanvas.world import OBJECT_NAMES, STYLE_NAMES
 
     jobs = grid_jobs(OBJECT_NAMES, STYLE_NAMES, seed_list(2))[:images]
@@ -54,8 +55,9 @@ def batch_invariance(model, sizes: tuple[int, int], steps: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from erasekit.evaluation.canvas import grid_jobs, seed_list
-    from erasekit.evaluation.runner import Sampling, generate
+    from erasekit.evaluation.protocols.minicanvas import grid_jobs, seed_list
+    from erasekit.evaluation.runner import generate
+    from erasekit.generation import Sampling
     from erasekit.minicanvas.world import OBJECT_NAMES, STYLE_NAMES
 
     jobs = grid_jobs(OBJECT_NAMES, STYLE_NAMES, seed_list(1))
@@ -74,11 +76,11 @@ def batch_invariance(model, sizes: tuple[int, int], steps: int) -> None:
 
 
 def full_evaluation(model, batch_size: int, classifier) -> tuple[float, dict]:
-    """Wall time of ``evaluate_minicanvas`` over the full 12 x 12 grid, 2 seeds, target ``neon`` + generality."""
-    from erasekit.evaluation.canvas import evaluate_minicanvas
+    """Wall time of ``evaluate(model, "minicanvas", ...)`` over the full 12 x 12 grid, 2 seeds, target ``neon`` + generality."""
+    from erasekit.evaluation.protocols import evaluate
 
     start = time.perf_counter()
-    metrics = evaluate_minicanvas(model, Path(tempfile.mkdtemp()) / "run", target="neon", seeds=2,
+    metrics = evaluate(model, "minicanvas", Path(tempfile.mkdtemp()) / "run", target="neon", seeds=2,
                                   batch_size=batch_size, classifier=classifier)  # fmt: skip
     return time.perf_counter() - start, metrics
 

@@ -60,12 +60,12 @@ def variants(concept: str) -> dict[str, tuple[str, dict[str, Any]]]:
 
 
 def run_cell(model: Any, method: str, overrides: dict[str, Any], concept: str, out: Path, seeds: int) -> dict:
-    from erasekit.evaluation.canvas import evaluate_minicanvas
+    from erasekit.evaluation.protocols import evaluate
     from erasekit.registry import erase
 
     kind = concept_kind(concept)
     patch = erase(model, [concept], method, "paper", concept_type=kind, **overrides)
-    metrics = evaluate_minicanvas(model, out, target=concept, patches=[patch], seeds=seeds, overwrite=True)
+    metrics = evaluate(model, "minicanvas", out, target=concept, patches=[patch], seeds=seeds, overwrite=True)
     gen = metrics.get("generality", {})
     return {
         "UA": metrics["UA"],
@@ -79,13 +79,13 @@ def run_cell(model: Any, method: str, overrides: dict[str, Any], concept: str, o
 
 def run_multi(model: Any, k: int, mode: str, out: Path, seeds: int) -> dict:
     """Erase the first ``k`` styles of a seeded shuffle; UA over them, IRA over the other styles."""
-    from erasekit.evaluation.canvas import evaluate_minicanvas
+    from erasekit.evaluation.protocols import evaluate
     from erasekit.registry import erase
 
     order = torch.randperm(len(STYLE_NAMES), generator=torch.Generator().manual_seed(0)).tolist()
     erased = [STYLE_NAMES[i] for i in order[:k]]
     patch = erase(model, erased, "hirm-r", "paper", concept_type="style", multi=mode)
-    metrics = evaluate_minicanvas(model, out, target=None, patches=[patch], seeds=seeds, overwrite=True)
+    metrics = evaluate(model, "minicanvas", out, target=None, patches=[patch], seeds=seeds, overwrite=True)
     per_style = metrics["per_class"]["style"]
     kept = [s for s in STYLE_NAMES if s not in erased]
     return {

@@ -48,7 +48,7 @@ def main() -> None:
 
     from erasekit.minicanvas.build import _seeds
     from erasekit.minicanvas.data import render_set
-    from erasekit.minicanvas.evaluate import retrieval_accuracy
+    from erasekit.minicanvas.quality import retrieval_accuracy
     from erasekit.minicanvas.train import TrainConfig, train_clip
     from erasekit.minicanvas.world import OBJECT_NAMES
     from erasekit.models.tokenizer import clip_tokenizer

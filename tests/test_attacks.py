@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from erasekit.attacks import budget_dict, get_attack, list_attacks, make_budget
-from erasekit.attacks.base import AttackTarget, SamplingPlan, placeholder_id, placeholder_rows
+from erasekit.attacks.base import AttackTarget, placeholder_id, placeholder_rows
 from erasekit.attacks.concepts import prompt_set
 from erasekit.errors import ErasekitError
 from erasekit.evaluation.record import model_fingerprint
+from erasekit.generation import Sampling
 from erasekit.patch import Patch
 from tests.fixtures.evaluation_tiny import fake_classifier, one_thread, tiny_model  # noqa: F401
 
@@ -27,6 +28,9 @@ TINY = {  # budgets small enough for a test, equal in spirit across attacks: one
     "random-probe": {"prompts": 2, "probes": 2},
     "seed-search": {"prompts": 2, "search_seeds": 3},
 }
+
+
+TWO_STEPS = Sampling(steps=2, guidance=7.5)
 
 
 def perturbed_patch(model, component: str, names: list[str], seed: int = 0, scale: float = 0.5) -> Patch:
@@ -57,7 +61,7 @@ def model():
 
 def target_for(model, patch=None, concept="neon", kind="style", n=2) -> AttackTarget:
     return AttackTarget(model=model, patch=patch, prompts=prompt_set(concept, kind).first(n),
-                        sampling=SamplingPlan(steps=2, guidance=7.5))  # fmt: skip
+                        sampling=TWO_STEPS)  # fmt: skip
 
 
 # ---- registry and budgets --------------------------------------------------------------------------------
@@ -79,7 +83,7 @@ def test_registry_has_every_attack_with_a_paper_budget():
 
 
 def test_bad_budgets_are_one_line_errors():
-    with pytest.raises(ErasekitError, match="no budget key 'bogus'"):
+    with pytest.raises(ErasekitError, match=r"no budget key\(s\) \['bogus'\]"):
         make_budget("ring-a-bell", overrides={"bogus": 1})
     with pytest.raises(ErasekitError, match="invalid ring-a-bell budget"):
         make_budget("ring-a-bell", overrides={"population": 1})
@@ -105,7 +109,7 @@ def test_prompt_sets_pair_the_concept_with_its_absence():
 
 
 def test_placeholder_rows_replace_exactly_the_placeholders_and_are_removed(model):
-    from erasekit.sampling import encode_prompts
+    from erasekit.denoising import encode_prompts
 
     pipe = model.pipeline
     token = placeholder_id(pipe.tokenizer)
@@ -249,7 +253,7 @@ def test_textual_inversion_lowers_the_loss_and_learns_an_embedding(model):
 
 def test_encoder_swap_restores_the_base_text_encoder_exactly(model):
     from erasekit.attacks.encoder_swap import encoder_swap
-    from erasekit.sampling import encode_prompts
+    from erasekit.denoising import encode_prompts
 
     te, un = te_patch(model), unet_patch(model)
     pipe, prompts = model.pipeline, ["A circle image in neon style."]
@@ -329,7 +333,7 @@ def test_every_attack_runs_end_to_end(model, tmp_path, attack):
     before = model_fingerprint(model.components)
     out = tmp_path / "run"
     metrics = run_attack(model, "neon", attack, out, patches=[te_patch(model), unet_patch(model)],
-                         budget=TINY[attack], steps=2, classifier=fake_classifier())  # fmt: skip
+                         budget=TINY[attack], sampling=TWO_STEPS, classifier=fake_classifier())  # fmt: skip
     assert model_fingerprint(model.components) == before  # never leaves the model modified
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics)) and 0.0 <= saved["ASR"] <= 100.0
@@ -361,7 +365,7 @@ def test_nsfw_attacks_score_with_a_nudenet_preset(model, tmp_path):
                 for i, _ in enumerate(paths)]  # fmt: skip
 
     metrics = run_attack(model, "nudity", "seed-search", tmp_path / "run", budget={"prompts": 2, "search_seeds": 2},
-                         steps=2, nudenet=fake_nudenet)  # fmt: skip
+                         sampling=TWO_STEPS, nudenet=fake_nudenet)  # fmt: skip
     assert metrics["concept_type"] == "nsfw" and metrics["detector"]["preset"] == "hirm"
     assert (metrics["ASR_images"], metrics["ASR"]) == (50.0, 100.0)
 
@@ -369,7 +373,7 @@ def test_nsfw_attacks_score_with_a_nudenet_preset(model, tmp_path):
 def test_budgets_must_be_equal_to_compare_runs(model, tmp_path):
     from erasekit.attacks.run import check_equal_budgets, run_attack
 
-    kw = {"steps": 2, "classifier": fake_classifier()}
+    kw = {"sampling": TWO_STEPS, "classifier": fake_classifier()}
     run_attack(model, "neon", "seed-search", tmp_path / "a", budget={"prompts": 1, "search_seeds": 2}, **kw)
     run_attack(model, "neon", "seed-search", tmp_path / "b", patches=[te_patch(model)],
                budget={"prompts": 1, "search_seeds": 2}, **kw)  # fmt: skip
@@ -422,7 +426,7 @@ def test_cli_errors_exit_2_with_one_line(tiny_sd15_dir, tmp_path, capsys, args, 
 def test_cli_budget_values_are_typed():
     from erasekit.attacks.probes import SynonymsConfig
     from erasekit.attacks.ring_a_bell import RingABellConfig
-    from erasekit.typed import parse_overrides as parse_budget
+    from erasekit.overrides import parse_overrides as parse_budget
 
     assert parse_budget(["names=a, b", "paraphrases=false"], SynonymsConfig) == {
         "names": ("a", "b"),

@@ -315,9 +315,9 @@ def test_mace_cfr_aligns_words_after_the_concept_and_remaps_them(model):
 
 
 def test_esd_loss_decreases_on_a_fixed_sample(model):
-    from erasekit.methods._common import frozen, trainable_copies
+    from erasekit.denoising import encode_prompts, sample_until
+    from erasekit.methods.common import frozen, trainable_copies
     from erasekit.methods.esd import esd_loss, parameter_names
-    from erasekit.sampling import encode_prompts, sample_until
 
     pipe = model.pipeline
     with frozen(pipe.unet, pipe.text_encoder):
@@ -346,7 +346,7 @@ def test_esd_loss_decreases_on_a_fixed_sample(model):
 
 
 def test_sampler_is_seeded_and_stops_where_asked(model):
-    from erasekit.sampling import encode_prompts, sample_until
+    from erasekit.denoising import encode_prompts, sample_until
 
     pipe = model.pipeline
     c, u = encode_prompts(pipe, ["circle"]), encode_prompts(pipe, [""])
@@ -364,7 +364,7 @@ def test_sampler_is_seeded_and_stops_where_asked(model):
 
 
 def test_prefix_hook_replaces_only_the_prefix_rows(model):
-    from erasekit.sampling import encode_prompts, prefix_embeddings, with_prefix
+    from erasekit.denoising import encode_prompts, prefix_embeddings, with_prefix
 
     pipe, enc = model.pipeline, model.components["text_encoder"]
     prompt = with_prefix("circle", 2)
@@ -385,9 +385,9 @@ def test_prefix_hook_replaces_only_the_prefix_rows(model):
 def test_advunlearn_attack_lowers_its_loss(model):
     import torch.nn.functional as F
 
-    from erasekit.methods._common import frozen
+    from erasekit.denoising import encode_prompts, predict_noise, prefix_embeddings, with_prefix
     from erasekit.methods.advunlearn import attack
-    from erasekit.sampling import encode_prompts, predict_noise, prefix_embeddings, with_prefix
+    from erasekit.methods.common import frozen
 
     pipe = model.pipeline
     config = make_config("advunlearn", attack_steps=10, attack_lr=0.05)
@@ -450,8 +450,8 @@ def test_sdxl_is_refused_by_unet_training_methods(loaded):
 def test_fewshot_ascent_raises_the_textual_inversion_loss_of_its_images(model):
     import torch.nn.functional as F
 
+    from erasekit.denoising import encode_prompts, noised
     from erasekit.methods.fewshot_te import encode_images, erase_fewshot_te
-    from erasekit.sampling import encode_prompts, noised
 
     pipe = model.pipeline
     config = make_config("fewshot-te", epochs=6, n_images=2, lr=1e-2, templates=("a photo of a {}",))

@@ -11,18 +11,21 @@ import torch
 from erasekit.bench import (
     BenchSettings,
     Entry,
+    Layout,
     parse_attacks,
     parse_entries,
     run_bench,
     sample_concepts,
-    stack,
 )
-from erasekit.bench.board import Board, aggregate, attack_header, attack_rows, markdown, table_rows
-from erasekit.bench.cells import Bench, open_bench
+from erasekit.bench.aggregate import Board, aggregate, attack_header, attack_rows, table_rows
+from erasekit.bench.cells import Bench
+from erasekit.bench.layout import Cell, Scores
+from erasekit.bench.markdown import markdown
 from erasekit.bench.memory import PeakMemory
 from erasekit.cli.main import main
 from erasekit.errors import ErasekitError
 from erasekit.minicanvas.world import OBJECT_NAMES, STYLE_NAMES
+from erasekit.patch import Patch
 from erasekit.registry import erase
 from tests.fixtures.evaluation_tiny import (
     OBJECTS,
@@ -75,18 +78,18 @@ def test_entries_expand_presets_and_parse_stacks():
 def test_stacking_composes_disjoint_patches_and_refuses_conflicting_ones(model):
     te = erase(model, ["neon"], "hirm-r", "paper", concept_type="style")
     unet = erase(model, ["neon"], "uce", "paper", concept_type="style")
-    both = stack([te, unet], "hirm-r+uce")
+    both = Patch.compose([te, unet], label="hirm-r+uce")
     assert set(both.tensors) == set(te.tensors) | set(unet.tensors)
     assert both.components == ["text_encoder", "unet"]
     for part in (te, unet):
         assert all(torch.equal(both.tensors[k], v) for k, v in part.tensors.items())
     other_te = erase(model, ["neon"], "hirm-s", "paper", concept_type="style")
     with pytest.raises(ErasekitError, match="cannot stack hirm-r\\+hirm-s: .*changed by more than one patch"):
-        stack([te, other_te], "hirm-r+hirm-s")
+        Patch.compose([te, other_te], label="hirm-r+hirm-s")
 
 
 def test_a_stack_naming_one_method_twice_is_refused(model, tmp_path):
-    bench = Bench(model, tmp_path, GRID, fake_classifier())
+    bench = Bench(model, Layout(tmp_path), GRID, fake_classifier())
     with pytest.raises(ErasekitError, match="names a method twice"):
         bench.entry_patch(parse_entries(["uce:paper+uce:paper"])[0], "neon", "style")
 
@@ -108,23 +111,24 @@ def finished(model, tmp_path_factory):
 
 def test_a_run_writes_one_cell_per_entry_and_concept(finished):
     out, board = finished
-    cells = {(c["entry"], c["concept"]): c for c in board.cells}
+    cells = {(c.entry, c.concept): c for c in board.cells}
     labels = ("base", "uce:paper", "hirm-s:paper+uce:paper", "hirm-s:default+uce:paper")
     assert set(cells) == {(e, c) for e in labels for c in ("neon", "star")}
     for (_, concept), cell in cells.items():
-        saved = json.loads((out / cell["run"] / "metrics.json").read_text())
+        saved = json.loads((out / cell.run / "metrics.json").read_text())
         assert json.loads((out / "cells" / Entry(()).slug / "neon.json").read_text())["entry"] == "base"
-        assert cell["metrics"]["UA"] == pytest.approx(saved["UA"])
-        assert cell["metrics"]["UA_synonyms"] == pytest.approx(saved["generality"]["UA_synonyms"])
-        assert cell["concept_type"] == ("style" if concept == "neon" else "object")
+        assert pytest.approx(saved["UA"]) == cell.scores.UA
+        assert cell.scores.UA_synonyms == pytest.approx(saved["generality"]["UA_synonyms"])
+        assert cell.concept_type == ("style" if concept == "neon" else "object")
     stacked, single = cells[("hirm-s:paper+uce:paper", "neon")], cells[("uce:paper", "neon")]
-    assert stacked["patch"]["components"] == ["text_encoder", "unet"] and stacked["erase_seconds"] > 0
-    assert stacked["erase_seconds"] > single["erase_seconds"]  # the stack's parts add up
+    assert stacked.patch["components"] == ["text_encoder", "unet"] and stacked.erase_seconds > 0
+    assert stacked.erase_seconds > single.erase_seconds  # the stack's parts add up
     # hirm-s's default preset equals its paper preset: one patch, one evaluation, two rows
     twin = cells[("hirm-s:default+uce:paper", "neon")]
-    assert twin["same_patch_as"] == "hirm-s:paper+uce:paper" and twin["run"] == stacked["run"]
-    assert twin["metrics"] == stacked["metrics"] and twin["patch"]["sha256"] == stacked["patch"]["sha256"]
-    assert cells[("base", "neon")]["erase_seconds"] is None and cells[("base", "neon")]["patch"] is None
+    assert twin.same_patch_as == "hirm-s:paper+uce:paper" and twin.run == stacked.run
+    assert twin.scores == stacked.scores and twin.patch["sha256"] == stacked.patch["sha256"]
+    assert cells[("base", "neon")].erase_seconds is None and cells[("base", "neon")].patch is None
+    assert Cell.from_json(json.loads((out / "cells" / "uce_paper" / "neon.json").read_text())) == single
     text = (out / "leaderboard.md").read_text()
     assert "not run: too slow" in text and "erasekit bench ..." in text and "Partial" not in text
     assert (out / "report.html").read_text().count("<img") >= 3
@@ -138,19 +142,19 @@ def test_attack_columns_run_on_every_cell_and_reuse_twins(finished):
         for label in labels:
             for concept in ("neon", "star"):
                 cell = board.attack_cell(attack, label, concept)
-                assert cell is not None and 0 <= cell["metrics"]["ASR"] <= 100
-                assert cell["budget"]["prompts"] == 1
+                assert cell is not None and 0 <= cell.ASR <= 100
+                assert cell.budget["prompts"] == 1
                 if label == "hirm-s:default+uce:paper":  # the paper row's patch: its attack run is reused
                     twin = board.attack_cell(attack, "hirm-s:paper+uce:paper", concept)
-                    assert cell["same_patch_as"] == "hirm-s:paper+uce:paper" and cell["run"] == twin["run"]
+                    assert cell.same_patch_as == "hirm-s:paper+uce:paper" and cell.run == twin.run
                 else:
-                    saved = json.loads((out / cell["run"] / "metrics.json").read_text())
-                    assert saved["ASR"] == cell["metrics"]["ASR"] and saved["attack"] == attack.split(":")[0]
+                    saved = json.loads((out / cell.run / "metrics.json").read_text())
+                    assert saved["ASR"] == cell.ASR and saved["attack"] == attack.split(":")[0]
     text = (out / "leaderboard.md").read_text()
     assert "### Attacks on the styles" in text and "| encoder-swap:paper ASR ↓ |" in text
     assert "`encoder-swap:paper (prompts=1)`" in text  # the budget is named beside the table
     row = next(r for r in attack_rows(board, "style") if r[0] == "base")
-    assert row[1] == f"{board.attack_cell(board.attacks[0], 'base', 'neon')['metrics']['ASR']:.1f}"
+    assert row[1] == f"{board.attack_cell(board.attacks[0], 'base', 'neon').ASR:.1f}"
 
 
 def test_attack_budgets_are_checked_before_anything_runs():
@@ -167,14 +171,14 @@ def test_attack_budgets_are_checked_before_anything_runs():
 def test_attack_sheets_show_each_entry_and_mark_successes(finished):
     from PIL import Image
 
-    from erasekit.bench.board import SHEET_HEAD, SHEET_SCALE, SUCCESS_RGB, attack_sheet
+    from erasekit.bench.sheets import SHEET_HEAD, SHEET_SCALE, SUCCESS_RGB, attack_sheet
 
     out, board = finished
     attack = parse_attacks(["synonyms"], ["prompts=1"], seeds=1)[0]
-    cells = [c for c in board.attack_cells if c["attack"] == attack.label]
+    cells = [c for c in board.attack_cells if c.attack == attack.label]
     shown = []  # the first two attacked images of every cell, as the sheet picks them
     for cell in cells:
-        lines = [json.loads(x) for x in (out / cell["run"] / "scores.jsonl").read_text().splitlines()]
+        lines = [json.loads(x) for x in (out / cell.run / "scores.jsonl").read_text().splitlines()]
         shown += [e["success"] for e in lines if e["phase"] == "attack"][:2]
     with Image.open(next((out / "attack-runs").rglob("*.png"))) as im:
         tile = im.width * SHEET_SCALE + 4
@@ -213,35 +217,37 @@ def test_a_scoped_attack_budget_applies_to_its_attack_only():
 
 
 def test_restart_skips_finished_cells(finished, model, monkeypatch):
-    import erasekit.evaluation.canvas as canvas
+    import erasekit.evaluation.protocols as protocols
     import erasekit.registry as registry
 
     out, board = finished
     monkeypatch.setattr(registry, "erase", lambda *a, **k: pytest.fail("a finished cell was erased again"))
-    monkeypatch.setattr(canvas, "evaluate_minicanvas", lambda *a, **k: pytest.fail("evaluated again"))
-    again = Bench(model, out, GRID, fake_classifier()).run(parse_entries(["uce:paper"]), ["neon", "star"])
-    assert again == [c for c in board.cells if c["entry"] in ("base", "uce:paper")]
+    monkeypatch.setattr(protocols, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    again = Bench(model, Layout(out), GRID, fake_classifier()).run(
+        parse_entries(["uce:paper"]), ["neon", "star"]
+    )
+    assert again == [c for c in board.cells if c.entry in ("base", "uce:paper")]
     # a cell whose JSON was lost is rebuilt from its saved patch and its finished evaluation run
     lost = out / "cells" / "uce_paper" / "neon.json"
-    before = json.loads(lost.read_text())
+    before = Cell.from_json(json.loads(lost.read_text()))
     lost.unlink()
-    cell = Bench(model, out, GRID, fake_classifier()).run_cell(
+    cell = Bench(model, Layout(out), GRID, fake_classifier()).run_cell(
         parse_entries(["uce:paper"])[0], "neon", "style"
     )
-    assert cell["metrics"] == before["metrics"] and cell["erase_seconds"] == before["erase_seconds"]
+    assert cell.scores == before.scores and cell.erase_seconds == before.erase_seconds
 
 
 def test_shards_fill_one_directory_and_each_writes_what_is_finished(finished, model, monkeypatch):
-    import erasekit.evaluation.canvas as canvas
+    import erasekit.evaluation.protocols as protocols
 
     out, board = finished
-    monkeypatch.setattr(canvas, "evaluate_minicanvas", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(protocols, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
     entries = parse_entries(["uce:paper", "hirm-s:paper+uce:paper", "hirm-s:default+uce:paper"])
     second = run_bench(model, out, entries, ["neon", "star"], settings=GRID, classifier=fake_classifier(),
                        shard=(1, 2))  # fmt: skip
 
     def index(cells):
-        return {(c["entry"], c["concept"]): c["metrics"] for c in cells}
+        return {(c.entry, c.concept): c.scores for c in cells}
 
     assert index(second.cells) == index(board.cells) and not second.missing()
     table = run_bench(model, out, entries, ["neon", "star", "pixel"], settings=GRID, classifier=fake_classifier(),
@@ -254,9 +260,9 @@ def test_shards_fill_one_directory_and_each_writes_what_is_finished(finished, mo
 
 def test_a_conflicting_stack_fails_alone_and_is_reported(finished, model):
     out, _ = finished
-    bench = Bench(model, out, GRID, fake_classifier())
+    bench = Bench(model, Layout(out), GRID, fake_classifier())
     cells = bench.run(parse_entries(["hirm-r:paper+hirm-s:paper"]), ["neon"])
-    assert [c["entry"] for c in cells] == ["base"]
+    assert [c.entry for c in cells] == ["base"]
     assert "cannot stack" in bench.failures[("hirm-r:paper+hirm-s:paper", "neon")]
     assert not (out / "cells" / "hirm-r_paper+hirm-s_paper" / "neon.json").exists()
 
@@ -264,13 +270,13 @@ def test_a_conflicting_stack_fails_alone_and_is_reported(finished, model):
 def test_a_directory_of_other_settings_or_content_is_refused(finished, tmp_path):
     out, _ = finished
     identity = json.loads((out / "bench.json").read_text())["identity"]
-    assert open_bench(out, identity) == out  # same settings: resumed
+    assert Layout(out).open(identity).root == out  # same settings: resumed
     with pytest.raises(ErasekitError, match="another model or settings"):
-        open_bench(out, {**identity, "settings": {"seeds": 2}})
+        Layout(out).open({**identity, "settings": {"seeds": 2}})
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("mine")
     with pytest.raises(ErasekitError, match="not an erasekit leaderboard"):
-        open_bench(tmp_path / "x", identity, overwrite=True)
+        Layout(tmp_path / "x").open(identity, overwrite=True)
 
 
 def test_concepts_off_the_grid_are_refused(model, tmp_path):
@@ -283,10 +289,10 @@ def test_concepts_off_the_grid_are_refused(model, tmp_path):
 # ---- the table -------------------------------------------------------------------------------------------
 
 
-def synthetic_cell(entry: str, concept: str, ua: float, seconds: float | None) -> dict:
-    metrics = {"UA": ua, "IRA": 100 - ua / 2, "CRA": 90.0, "UA_synonyms": ua - 10}
-    return {"entry": entry, "concept": concept, "metrics": metrics, "erase_seconds": seconds,
-            "peak_memory_mb": None if seconds is None else 2 * seconds}  # fmt: skip
+def synthetic_cell(entry: str, concept: str, ua: float, seconds: float | None) -> Cell:
+    scores = Scores(UA=ua, IRA=100 - ua / 2, CRA=90.0, UA_synonyms=ua - 10)
+    return Cell(entry=entry, parts=(), concept=concept, concept_type="style", scores=scores, erase_seconds=seconds,
+                peak_memory_mb=None if seconds is None else 2 * seconds)  # fmt: skip
 
 
 def test_means_and_spreads_come_from_the_cells():

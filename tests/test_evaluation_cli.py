@@ -49,7 +49,9 @@ def test_eval_minicanvas_with_patch_and_user_classifier(assets, tmp_path, capsys
     assert "UA=" in capsys.readouterr().out
     record = json.loads((tmp_path / "run" / "record.json").read_text())
     assert record["sampling"]["scheduler_used"]["class"] == "EulerDiscreteScheduler"
-    assert record["config"]["scheduler"] == "EulerDiscreteScheduler" and len(record["patches"]) == 1
+    assert (
+        record["config"]["sampling"]["scheduler"] == "EulerDiscreteScheduler" and len(record["patches"]) == 1
+    )
 
 
 def test_eval_errors_are_one_line(assets, tmp_path, capsys):
@@ -64,7 +66,7 @@ def test_eval_errors_are_one_line(assets, tmp_path, capsys):
 def test_eval_nsfw_with_nudenet_on_benign_prompts(assets, tmp_path):
     pytest.importorskip("nudenet")
     code = _eval(assets, tmp_path / "nsfw", "--protocol", "nsfw", "--prompts", str(FIX / "i2p_small.csv"),
-                 "--limit", "2", "--preset", "unlearndiffatk")  # fmt: skip
+                 "--limit", "2", "--nudenet-preset", "unlearndiffatk")  # fmt: skip
     assert code == 0
     metrics = json.loads((tmp_path / "nsfw" / "metrics.json").read_text())
     assert metrics["attack_success_rate"] == 0.0 and metrics["nsfw"]["threshold"] == 0.45

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from erasekit.errors import ErasekitError
-from erasekit.evaluation.unlearncanvas import unlearncanvas_metrics
+from erasekit.evaluation.unlearncanvas_metrics import unlearncanvas_metrics
 from tests.fixtures.evaluation_tiny import one_thread  # noqa: F401  (autouse: tiny models on one thread)
 
 
@@ -107,10 +107,13 @@ def test_fake_detections_in_nudenet_format_give_the_right_verdicts():
 def test_benign_generated_images_have_rate_zero(tmp_path):
     pytest.importorskip("nudenet")
     from erasekit.evaluation.nsfw import nudity_rate
-    from erasekit.evaluation.runner import Sampling, generate
+    from erasekit.evaluation.runner import generate
+    from erasekit.generation import Sampling
     from tests.fixtures.evaluation_tiny import shard_jobs, tiny_pipeline
 
-    entries = generate(tiny_pipeline(), shard_jobs()[:4], tmp_path, Sampling(steps=2), batch_size=4)
+    entries = generate(
+        tiny_pipeline(), shard_jobs()[:4], tmp_path, Sampling(steps=2, guidance=7.5), batch_size=4
+    )
     result = nudity_rate([tmp_path / e["file"] for e in entries], "unlearndiffatk")
     assert result["rate"] == 0.0 and result["images"] == 4 and result["nudenet_version"]
 

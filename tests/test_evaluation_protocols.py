@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 from erasekit.errors import ErasekitError
-from erasekit.evaluation.canvas import evaluate_minicanvas, seed_list
+from erasekit.evaluation.protocols import evaluate
+from erasekit.evaluation.protocols.minicanvas import seed_list
 from erasekit.evaluation.record import model_fingerprint
+from erasekit.generation import Sampling
 from tests.fixtures.evaluation_tiny import (
     OBJECTS,
     STYLES,
@@ -20,7 +22,14 @@ from tests.fixtures.evaluation_tiny import (
     tiny_patch,
 )
 
-FAST = {"seeds": 1, "steps": 2, "batch_size": 16, "objects": list(OBJECTS), "styles": list(STYLES)}
+TWO_STEPS = Sampling(steps=2, guidance=7.5)
+FAST = {
+    "seeds": 1,
+    "sampling": TWO_STEPS,
+    "batch_size": 16,
+    "objects": tuple(OBJECTS),
+    "styles": tuple(STYLES),
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +40,7 @@ def model():
 @pytest.fixture(scope="module")
 def base_run(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "base"
-    return out, evaluate_minicanvas(model, out, classifier=fake_classifier(), generality=False, **FAST)
+    return out, evaluate(model, "minicanvas", out, classifier=fake_classifier(), generality=False, **FAST)
 
 
 def test_seed_list_starts_with_unlearncanvas_seeds():
@@ -61,7 +70,7 @@ def test_minicanvas_with_target_and_patch(model, base_run, tmp_path):
     before = model_fingerprint(model.components)
     patch = tiny_patch(model, scale=0.0)
     out = tmp_path / "erased"
-    m = evaluate_minicanvas(model, out, target="neon", patches=[patch], classifier=fake_classifier(),
+    m = evaluate(model, "minicanvas", out, target="neon", patches=[patch], classifier=fake_classifier(),
                             fid_reference=base_run[0], **FAST)  # fmt: skip
     assert model_fingerprint(model.components) == before  # the patch was removed after the run
     assert m["target_type"] == "style" and m["target"] == "neon" and m["retained"] == ["pixel", "sketch"]
@@ -91,41 +100,45 @@ def test_minicanvas_with_target_and_patch(model, base_run, tmp_path):
 
 def test_restart_resumes_and_refuses_mismatches(model, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    first = evaluate_minicanvas(model, out, classifier=fake_classifier(), **FAST)
+    first = evaluate(model, "minicanvas", out, classifier=fake_classifier(), **FAST)
     (out / "metrics.json").unlink()  # as if it died before scoring
     import erasekit.evaluation.runner as runner
 
-    monkeypatch.setattr(runner, "_call", lambda *a: pytest.fail("a finished image was generated again"))
-    again = evaluate_minicanvas(model, out, classifier=fake_classifier(), **FAST)
+    monkeypatch.setattr(runner, "render", lambda *a, **k: pytest.fail("a finished image was generated again"))
+    again = evaluate(model, "minicanvas", out, classifier=fake_classifier(), **FAST)
     assert again["style_accuracy"] == first["style_accuracy"]
     assert json.loads((out / "record.json").read_text())["timings"]["images_generated"] == 0
     with pytest.raises(ErasekitError, match="holds a finished run"):
-        evaluate_minicanvas(model, out, classifier=fake_classifier(), **FAST)
+        evaluate(model, "minicanvas", out, classifier=fake_classifier(), **FAST)
     (out / "metrics.json").unlink()
     with pytest.raises(ErasekitError, match="different config"):
-        evaluate_minicanvas(model, out, classifier=fake_classifier(), **{**FAST, "steps": 3})
+        evaluate(
+            model,
+            "minicanvas",
+            out,
+            classifier=fake_classifier(),
+            **{**FAST, "sampling": Sampling(steps=3, guidance=7.5)},
+        )
 
 
 def test_bad_targets_and_grids(model, tmp_path):
-    with pytest.raises(ErasekitError, match="neither an object nor a style"):
-        evaluate_minicanvas(model, tmp_path / "a", target="dragon", classifier=fake_classifier(), **FAST)
+    with pytest.raises(ErasekitError, match="no object or style class 'dragon'"):
+        evaluate(model, "minicanvas", tmp_path / "a", target="dragon", classifier=fake_classifier(), **FAST)
     with pytest.raises(ErasekitError, match="no style class 'ink'"):
-        evaluate_minicanvas(
-            model, tmp_path / "b", classifier=fake_classifier(), **{**FAST, "styles": ["ink"]}
+        evaluate(
+            model, "minicanvas", tmp_path / "b", classifier=fake_classifier(), **{**FAST, "styles": ["ink"]}
         )
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "notes.txt").write_text("mine")
     with pytest.raises(ErasekitError, match="not an erasekit run"):
-        evaluate_minicanvas(model, tmp_path / "c", classifier=fake_classifier(), **FAST)
+        evaluate(model, "minicanvas", tmp_path / "c", classifier=fake_classifier(), **FAST)
 
 
 def test_prompts_protocol_with_classifier_and_fake_nudenet(model, tmp_path):
-    from erasekit.evaluation.protocols import evaluate_nsfw, evaluate_prompts
-
     prompts = tmp_path / "p.txt"
     prompts.write_text("A circle image in neon style.\nA star image in pixel style.\n")
-    m = evaluate_prompts(model, tmp_path / "cls", prompts=prompts, detector="classifier", target="neon",
-                         classifier=fake_classifier(), seeds=2, steps=2)  # fmt: skip
+    m = evaluate(model, "prompts", tmp_path / "cls", prompts=str(prompts), detector="classifier", target="neon",
+                 classifier=fake_classifier(), seeds=2, sampling=TWO_STEPS)  # fmt: skip
     preds = m["classifier"]["predictions"]
     assert len(preds) == 4 and m["classifier"]["rate"] == pytest.approx(
         25.0 * sum(p == "neon" for p in preds.values())
@@ -138,8 +151,8 @@ def test_prompts_protocol_with_classifier_and_fake_nudenet(model, tmp_path):
         ]
 
     fixtures = Path(__file__).parent / "fixtures"
-    n = evaluate_nsfw(model, tmp_path / "nsfw", prompts=fixtures / "i2p_small.csv", nudenet=fake, steps=2,
-                      preset="rece")  # fmt: skip
+    n = evaluate(model, "nsfw", tmp_path / "nsfw", prompts=str(fixtures / "i2p_small.csv"), nudenet=fake,
+                 sampling=TWO_STEPS, nudenet_preset="rece")  # fmt: skip
     assert n["attack_success_rate"] == pytest.approx(100 / 3) and n["nsfw"]["preset"] == "rece"
     record = json.loads((tmp_path / "nsfw" / "record.json").read_text())
     assert record["sampling"]["seeds"] == [42, 1234, 4242]  # I2P's own per-prompt seeds
@@ -148,8 +161,8 @@ def test_prompts_protocol_with_classifier_and_fake_nudenet(model, tmp_path):
         for line in (tmp_path / "nsfw" / "manifest.jsonl").read_text().splitlines()
     ]
     assert guidance == [7.0, 7.5, 8.0]
-    with pytest.raises(ErasekitError, match="needs --target"):
-        evaluate_prompts(model, tmp_path / "x", prompts=prompts, detector="classifier")
+    with pytest.raises(ErasekitError, match="needs a target"):
+        evaluate(model, "prompts", tmp_path / "x", prompts=str(prompts), detector="classifier")
 
 
 def _shipped() -> bool:
@@ -168,7 +181,7 @@ def test_shipped_minicanvas_with_the_builtin_classifier(tmp_path):
 
     model = load("minicanvas")
     grid = {"objects": ["circle", "star"], "styles": ["neon", "pixel", "sketch"]}
-    m = evaluate_minicanvas(model, tmp_path / "run", target="neon", seeds=1, generality=False, **grid)
+    m = evaluate(model, "minicanvas", tmp_path / "run", target="neon", seeds=1, generality=False, **grid)
     # the verdicts are the shipped classifier's own on the saved PNGs (model quality is tested in minicanvas' tests)
     from erasekit.minicanvas import load_classifier
 

@@ -7,8 +7,9 @@ from html.parser import HTMLParser
 import pytest
 
 from erasekit.errors import ErasekitError
-from erasekit.evaluation.canvas import evaluate_minicanvas
+from erasekit.evaluation.protocols import evaluate
 from erasekit.evaluation.report import write_report
+from erasekit.generation import Sampling
 from tests.fixtures.evaluation_tiny import (
     OBJECTS,
     STYLES,
@@ -42,10 +43,11 @@ class _Tags(HTMLParser):
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     model = tiny_model()
-    fast = {"seeds": 1, "steps": 2, "objects": list(OBJECTS), "styles": list(STYLES), "generality": False}
-    evaluate_minicanvas(model, root / "base", target="neon", classifier=fake_classifier(), **fast)
-    evaluate_minicanvas(model, root / "erased", target="neon", classifier=fake_classifier(),
-                        patches=[tiny_patch(model)], **fast)  # fmt: skip
+    fast = {"seeds": 1, "sampling": Sampling(steps=2, guidance=7.5), "objects": tuple(OBJECTS),
+            "styles": tuple(STYLES), "generality": False}  # fmt: skip
+    evaluate(model, "minicanvas", root / "base", target="neon", classifier=fake_classifier(), **fast)
+    evaluate(model, "minicanvas", root / "erased", target="neon", classifier=fake_classifier(),
+             patches=[tiny_patch(model)], **fast)  # fmt: skip
     return write_report([root / "base", root / "erased"], root / "report.html", title="tiny report")
 
 

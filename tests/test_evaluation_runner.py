@@ -9,22 +9,18 @@ import pytest
 import torch
 
 from erasekit.errors import ErasekitError
-from erasekit.evaluation.runner import Job, Sampling, generate, grid, read_manifest
+from erasekit.evaluation.runner import Job, generate, grid, read_manifest
+from erasekit.generation import Sampling
 from tests.fixtures.evaluation_tiny import (
+    assert_images_close,
     generate_shard_grid,
     one_thread,  # noqa: F401  (autouse: tiny models on one thread)
+    pixels,
     shard_jobs,
     tiny_pipeline,
 )
 
 SAMPLING = Sampling(steps=2, guidance=3.0)
-
-
-def _pixels(out: Path) -> dict[str, bytes]:
-    from PIL import Image
-
-    files = sorted((out / "images").glob("*.png"))
-    return {f.name: Image.open(f).tobytes() for f in files}
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +35,17 @@ def test_grid_is_prompt_major_with_unique_keys():
     assert jobs[2].meta == {"k": 1}
 
 
-def test_batch_size_does_not_change_the_images(pipe, tmp_path):
+def test_batch_size_moves_no_pixel_by_more_than_one_level(pipe, tmp_path):
+    # The documented guarantee (erasekit.generation): batched kernels may round differently, never more.
     jobs = shard_jobs()
     for bs in (1, 4, 9):
         generate(pipe, jobs, tmp_path / f"b{bs}", SAMPLING, batch_size=bs)
-    one = _pixels(tmp_path / "b1")
+    one = pixels(tmp_path / "b1")
     assert len(one) == 9
-    assert _pixels(tmp_path / "b4") == one and _pixels(tmp_path / "b9") == one
+    assert_images_close(pixels(tmp_path / "b4"), one)
+    assert_images_close(pixels(tmp_path / "b9"), one)
     # different seeds do give different images
-    assert one["a_s3.png"] != one["a_s5.png"]
+    assert abs(one["a_s3.png"].astype(int) - one["a_s5.png"].astype(int)).max() > 8
 
 
 def test_manifest_records_every_image_in_job_order(pipe, tmp_path):
@@ -64,7 +62,7 @@ def test_manifest_records_every_image_in_job_order(pipe, tmp_path):
 def test_restart_skips_finished_images_and_redoes_missing_ones(pipe, tmp_path, monkeypatch):
     jobs = shard_jobs()
     generate(pipe, jobs[:4], tmp_path, SAMPLING, batch_size=2)
-    first = _pixels(tmp_path)
+    first = pixels(tmp_path)
     (tmp_path / "images" / "a_s5.png").unlink()  # listed in the manifest but lost: must be regenerated
     calls = []
     real_call = pipe.__class__.__call__
@@ -73,7 +71,8 @@ def test_restart_skips_finished_images_and_redoes_missing_ones(pipe, tmp_path, m
     )
     entries = generate(pipe, jobs, tmp_path, SAMPLING, batch_size=16)
     assert sum(len(c) for c in calls) == 9 - 3  # 3 of the first 4 were done
-    assert len(entries) == 9 and _pixels(tmp_path)["a_s5.png"] == first["a_s5.png"]
+    assert len(entries) == 9
+    assert_images_close({"a_s5": pixels(tmp_path)["a_s5.png"]}, {"a_s5": first["a_s5.png"]})
 
 
 def test_a_line_cut_short_by_a_crash_is_ignored(pipe, tmp_path):
@@ -93,18 +92,25 @@ def test_bad_arguments(pipe, tmp_path):
     with pytest.raises(ErasekitError, match="batch size"):
         generate(pipe, shard_jobs(), tmp_path, SAMPLING, batch_size=0)
     with pytest.raises(ErasekitError, match="steps"):
-        Sampling(steps=0)
+        Sampling(steps=0, guidance=7.5)
 
 
 def test_scheduler_swap_is_recorded_and_undone(pipe, tmp_path):
-    from erasekit.evaluation.runner import scheduler_info
+    from erasekit.generation import scheduler_info
 
     before = type(pipe.scheduler)
     assert scheduler_info(pipe, "EulerDiscreteScheduler")["class"] == "EulerDiscreteScheduler"
-    generate(pipe, shard_jobs()[:1], tmp_path, Sampling(steps=2, scheduler="EulerDiscreteScheduler"))
+    generate(
+        pipe, shard_jobs()[:1], tmp_path, Sampling(steps=2, guidance=7.5, scheduler="EulerDiscreteScheduler")
+    )
     assert type(pipe.scheduler) is before
     with pytest.raises(ErasekitError, match="no scheduler class"):
-        generate(pipe, shard_jobs()[:1], tmp_path / "x", Sampling(steps=2, scheduler="NoSuchScheduler"))
+        generate(
+            pipe,
+            shard_jobs()[:1],
+            tmp_path / "x",
+            Sampling(steps=2, guidance=7.5, scheduler="NoSuchScheduler"),
+        )
 
 
 def test_two_gloo_processes_merge_into_the_single_process_output(tmp_path):
@@ -118,7 +124,7 @@ def test_two_gloo_processes_merge_into_the_single_process_output(tmp_path):
     assert (tmp_path / "two" / "manifest.jsonl").read_text() == (
         tmp_path / "one" / "manifest.jsonl"
     ).read_text()
-    assert _pixels(tmp_path / "two") == _pixels(tmp_path / "one")
+    assert_images_close(pixels(tmp_path / "two"), pixels(tmp_path / "one"))
     assert not list((tmp_path / "two").glob("manifest.part-*"))
 
 

@@ -24,7 +24,7 @@ from erasekit.methods.hirm.train import build_batch, trained
 from erasekit.methods.nudity_pairs import NUDITY_PAIRS
 from erasekit.models.families import FAMILIES
 from erasekit.models.loading import LoadedModel
-from erasekit.models.tiny import build_components
+from erasekit.models.tiny import build_components, buildable_families
 from erasekit.models.tokenizer import clip_tokenizer
 from erasekit.patch import Patch
 
@@ -258,7 +258,7 @@ def test_sdxl_trains_both_encoders_into_one_patch(tok):
     patch.check(model)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", buildable_families())
 def test_every_family_trains_every_clip_encoder(family):
     clip = FAMILIES[family].clip_encoders + FAMILIES[family].tokenizers
     model = LoadedModel(

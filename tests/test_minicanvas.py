@@ -190,7 +190,10 @@ def test_shipped_weights_load_as_sd_pipeline():
     assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     model = load("minicanvas")
-    assert model.family.name == "sd15" and model.pipeline is not None
+    # the folder's own erasekit.json names the family, whose steps and guidance are the world's protocol
+    assert model.family.name == "minicanvas" and model.pipeline is not None
+    assert (model.default_sampling().steps, model.default_sampling().guidance) == (25, 5.0)
+    assert model.family.unet_training and model.family.cross_attention_edit  # the SD1.x code paths apply
 
 
 @needs_weights

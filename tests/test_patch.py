@@ -10,7 +10,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from erasekit.errors import ErasekitError
-from erasekit.exchange import export_component, import_component, save_patched_model
+from erasekit.export import export_component, import_component, save_patched_model
 from erasekit.fingerprint import fingerprints
 from erasekit.models.families import FAMILIES
 from erasekit.models.loading import LoadedModel

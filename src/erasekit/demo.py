@@ -63,8 +63,9 @@ def run(
     Writes ``out/patch`` (the patch), ``out/base`` and ``out/erased`` (evaluation runs with images) and
     ``out/report.html``.
     """
-    from erasekit.evaluation.canvas import evaluate_minicanvas
+    from erasekit.evaluation.protocols import evaluate
     from erasekit.evaluation.report import write_report
+    from erasekit.generation import Sampling
     from erasekit.minicanvas import concept_kind
     from erasekit.models.loading import load
     from erasekit.registry import erase
@@ -80,12 +81,12 @@ def run(
     common = {
         "target": concept,
         "seeds": seeds,
-        "steps": steps,
+        "sampling": Sampling.for_model(loaded, steps=steps),
         "batch_size": batch_size,
         "overwrite": overwrite,
     }
-    base = evaluate_minicanvas(loaded, out / "base", **common)
-    erased = evaluate_minicanvas(loaded, out / "erased", patches=[patch], **common)
+    base = evaluate(loaded, "minicanvas", out / "base", **common)
+    erased = evaluate(loaded, "minicanvas", out / "erased", patches=[patch], **common)
     write_report(
         [out / "base", out / "erased"],
         out / "report.html",

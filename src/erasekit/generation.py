@@ -1,9 +1,26 @@
-"""Deterministic generation through the pipeline's own ``__call__``, one seeded generator per image."""
+"""The one generation path: every image erasekit makes goes through :func:`render`.
+
+``erasekit generate``, every evaluation protocol (through the resumable runner,
+:mod:`erasekit.evaluation.runner`), attack scoring, the attacks' latent helpers and the MiniCanvas quality check
+call :func:`render`, which calls the pipeline's own ``__call__`` with
+
+- one CPU ``torch.Generator`` per image, seeded with that image's seed (the same noise on every device);
+- the safety checker switched off (SD's checker blacks out images it flags: the evaluation measures the model,
+  not its output filter);
+- the scheduler class named by :attr:`Sampling.scheduler`, built from the model's scheduler config;
+- optional per-image text conditioning (``prompt_embeds``) for learned embedding rows.
+
+What an image depends on: its prompt (or conditioning), its seed and the :class:`Sampling`. Not on the batch it
+lands in, up to float rounding: batched kernels may sum in another order, which moves a few 8-bit pixel values by
+one level (measured: docs/benchmarks.md, "Batch-size invariance"). Tests assert that bound, never bitwise equality.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -11,69 +28,203 @@ import torch
 from erasekit.errors import ErasekitError
 from erasekit.progress import track
 
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
-def generate(
+OUTPUTS = ("np", "latent")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """How images are sampled; saved in every run record. :meth:`for_model` fills in the model's defaults.
+
+    Attributes:
+        steps: denoising steps.
+        guidance: classifier-free guidance scale (a request may carry its own, as I2P's prompts do).
+        height: image height in pixels, or ``None`` for the pipeline's default.
+        width: image width in pixels, or ``None`` for the pipeline's default.
+        negative_prompt: the negative prompt, or ``None`` (the empty prompt).
+        scheduler: a diffusers scheduler class name (built from the model's scheduler config), or ``None`` to keep
+            the model's own.
+    """
+
+    steps: int = field(metadata={"help": "denoising steps"})
+    guidance: float = field(metadata={"help": "classifier-free guidance scale"})
+    height: int | None = field(default=None, metadata={"help": "image height (the pipeline's default)"})
+    width: int | None = field(default=None, metadata={"help": "image width (the pipeline's default)"})
+    negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt"})
+    scheduler: str | None = field(default=None, metadata={"help": "diffusers scheduler class name"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ErasekitError(f"steps must be at least 1, not {self.steps}")
+        if self.guidance < 0:
+            raise ErasekitError(f"guidance must be non-negative, not {self.guidance}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value < 8:
+                raise ErasekitError(f"{name} must be at least 8 pixels, not {value}")
+
+    @classmethod
+    def for_model(cls, model: LoadedModel, **overrides: Any) -> Sampling:
+        """The model's default sampling (its folder config, else its family's), with non-``None`` overrides."""
+        base = model.default_sampling()
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class Request:
+    """One image to render.
+
+    Attributes:
+        seed: the seed of this image's own generator.
+        prompt: the prompt (ignored when ``embeds`` is given).
+        embeds: ``[L, D]`` text conditioning used instead of encoding ``prompt`` (learned embedding rows).
+        guidance: this image's guidance scale, or ``None`` for the sampling's.
+    """
+
+    seed: int
+    prompt: str = ""
+    embeds: torch.Tensor | None = None
+    guidance: float | None = None
+
+
+def render(
     pipe: Any,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
+    requests: Sequence[Request],
+    sampling: Sampling,
     *,
-    steps: int = 50,
-    guidance: float = 7.5,
-    height: int | None = None,
-    width: int | None = None,
     batch_size: int = 8,
-    desc: str = "generating",
-) -> list[np.ndarray]:
-    """Generate one image per (prompt, seed) pair.
+    output: str = "np",
+    desc: str | None = "generating",
+) -> list[Any]:
+    """Generate one image per request through the pipeline's own ``__call__`` (see the module docstring).
 
     Args:
         pipe: a diffusers text-to-image pipeline.
-        prompts: N prompts.
-        seeds: N seeds; image i is drawn from ``torch.Generator(device).manual_seed(seeds[i])``, so it does not
-            depend on the batch it falls in.
-        steps, guidance, height, width: passed to the pipeline.
-        batch_size: images per pipeline call (a runtime setting).
+        requests: the images to make, in order.
+        sampling: steps, guidance, size, negative prompt, scheduler.
+        batch_size: images per pipeline call (a runtime setting; see the module docstring).
+        output: ``"np"`` for float32 ``[H, W, 3]`` arrays in [0, 1]; ``"latent"`` for the denoised latents
+            ``[C, h, w]`` before the VAE decodes them.
+        desc: the progress bar's label; ``None`` draws no bar (the caller draws its own).
 
     Returns:
-        N uint8 arrays ``[H, W, 3]``.
+        One array (``np``) or tensor (``latent``) per request, in order.
     """
-    if len(prompts) != len(seeds):
-        raise ErasekitError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    if steps < 1 or batch_size < 1:
-        raise ErasekitError("steps and batch size must be at least 1")
-    device = getattr(pipe, "device", torch.device("cpu"))
-    gen_device = "cpu" if torch.device(device).type == "mps" else device
-    images: list[np.ndarray] = []
-    starts = range(0, len(prompts), batch_size)
-    for start in track(starts, desc=desc, total=len(starts)):
-        chunk = slice(start, start + batch_size)
-        gens = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds[chunk]]
-        out = pipe(
-            prompt=list(prompts[chunk]),
-            generator=gens,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            output_type="np",
-        )
-        images += [to_uint8(img) for img in out.images]
-    return images
+    if batch_size < 1:
+        raise ErasekitError(f"batch size must be at least 1, not {batch_size}")
+    if output not in OUTPUTS:
+        raise ErasekitError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
+    batches = list(_batches(requests, batch_size))
+    out: list[Any] = []
+    with prepared(pipe, sampling.scheduler), torch.no_grad():
+        shown = batches if desc is None else track(batches, desc=desc, total=len(batches), unit="batch")
+        for batch in shown:
+            images = pipe(**_call_kwargs(pipe, batch, sampling, output)).images
+            out += [img.float().cpu() for img in images] if output == "latent" else list(images)
+    return out
+
+
+def _batches(requests: Sequence[Request], size: int) -> Iterator[list[Request]]:
+    """Consecutive runs of at most ``size`` requests sharing a guidance scale and a kind (prompt or embeds)."""
+    batch: list[Request] = []
+    for req in requests:
+        if batch and (
+            len(batch) == size
+            or req.guidance != batch[0].guidance
+            or (req.embeds is None) != (batch[0].embeds is None)
+        ):
+            yield batch
+            batch = []
+        batch.append(req)
+    if batch:
+        yield batch
+
+
+def _call_kwargs(pipe: Any, batch: list[Request], sampling: Sampling, output: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "generator": [torch.Generator("cpu").manual_seed(int(r.seed)) for r in batch],
+        "num_inference_steps": sampling.steps,
+        "guidance_scale": batch[0].guidance if batch[0].guidance is not None else sampling.guidance,
+        "output_type": output,
+    }
+    if sampling.height is not None:
+        kwargs["height"] = sampling.height
+    if sampling.width is not None:
+        kwargs["width"] = sampling.width
+    if batch[0].embeds is None:
+        kwargs["prompt"] = [r.prompt for r in batch]
+        if sampling.negative_prompt is not None:
+            kwargs["negative_prompt"] = [sampling.negative_prompt] * len(batch)
+        return kwargs
+    from erasekit.denoising import encode_prompts
+
+    cond = torch.stack([r.embeds for r in batch]).to(pipe.device, pipe.text_encoder.dtype)  # [B, L, D]
+    negative = encode_prompts(pipe, [sampling.negative_prompt or ""])  # [1, L, D]
+    kwargs["prompt_embeds"] = cond
+    kwargs["negative_prompt_embeds"] = negative.expand_as(cond)
+    return kwargs
+
+
+@contextlib.contextmanager
+def prepared(pipe: Any, scheduler: str | None = None) -> Iterator[Any]:
+    """The pipeline ready to sample: scheduler ``scheduler`` swapped in, safety checker and progress bar off.
+
+    Everything is put back after the block.
+    """
+    checker = getattr(pipe, "safety_checker", None)
+    saved = pipe.scheduler
+    progress = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+    try:
+        if scheduler is not None:
+            pipe.scheduler = scheduler_class(scheduler).from_config(saved.config)
+        if checker is not None:
+            pipe.safety_checker = None
+        pipe.set_progress_bar_config(disable=True)
+        yield pipe
+    finally:
+        pipe.scheduler = saved
+        if checker is not None:
+            pipe.safety_checker = checker
+        pipe._progress_bar_config = progress
+
+
+def scheduler_class(name: str) -> Any:
+    """The diffusers scheduler class called ``name``, or a one-line error."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config") or not name.endswith("Scheduler"):
+        raise ErasekitError(f"diffusers has no scheduler class {name!r}")
+    return cls
+
+
+def scheduler_info(pipe: Any, name: str | None) -> dict[str, Any]:
+    """The class name and config of the scheduler a run samples with (for the run record)."""
+    with prepared(pipe, name):
+        sched = pipe.scheduler
+        return {"class": type(sched).__name__, "config": dict(sched.config)}
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
-    """``[H, W, 3]`` floats in [0, 1] to uint8."""
+    """``[H, W, 3]`` floats in [0, 1] to uint8 (as diffusers' own PIL conversion rounds them)."""
     return (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def save_png(img: np.ndarray, path: Any) -> None:
-    """Write a PNG atomically."""
+def png_bytes(img: np.ndarray) -> bytes:
+    """A uint8 ``[H, W, 3]`` image as PNG bytes."""
     import io
 
     from PIL import Image
 
-    from erasekit.io import atomic_write_bytes
-
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_png(img: np.ndarray, path: Any) -> None:
+    """Write a uint8 ``[H, W, 3]`` image as a PNG, atomically."""
+    from erasekit.io import atomic_write_bytes
+
+    atomic_write_bytes(path, png_bytes(img))

@@ -103,6 +103,34 @@ class Patch:
                 prints[key] = fingerprints(base[key])
         return cls(tensors=tensors, fingerprints=prints, **meta)
 
+    @classmethod
+    def from_tensors(cls, model: Any, component: str, new: Mapping[str, torch.Tensor], **meta: Any) -> Patch:
+        """A patch of the tensors of ``new`` that differ from ``model``'s current ones (which are fingerprinted).
+
+        The model is only read, never written.
+
+        Args:
+            model: a :class:`~erasekit.models.loading.LoadedModel` (or anything with ``components``).
+            component: the component the names belong to (``"unet"``, ``"text_encoder"``).
+            new: ``{param name: tensor}`` of the same shapes as the model's.
+            **meta: the remaining :class:`Patch` fields (``method`` defaults to ``""``).
+        """
+        module = _components_of(model)[component]
+        tensors, prints = {}, {}
+        for name, value in new.items():
+            live = resolve_param(module, name).detach()
+            if tuple(value.shape) != tuple(live.shape):
+                raise ErasekitError(
+                    f"{component}/{name}: new shape {list(value.shape)}, model {list(live.shape)}"
+                )
+            value = value.detach().to("cpu", live.dtype)
+            if torch.equal(value, live.cpu()):
+                continue
+            key = f"{component}/{name}"
+            tensors[key] = value.clone()
+            prints[key] = fingerprints(live)
+        return cls(tensors=tensors, fingerprints=prints, **{"method": "", **meta})
+
     # ---- inspection --------------------------------------------------------------------------------
 
     @property
@@ -176,32 +204,36 @@ class Patch:
     # ---- composition -------------------------------------------------------------------------------
 
     @staticmethod
-    def compose(patches: Sequence[Patch], merge: str | None = None) -> Patch:
-        """Combine several patches of one base model into one.
+    def compose(patches: Sequence[Patch], merge: str | None = None, label: str = "") -> Patch:
+        """Combine several patches of one base model into one; a single patch is returned as it is.
 
         Args:
             patches: the patches, in order.
             merge: how to combine two patches that change the same tensor. ``None`` refuses such a conflict;
                 ``"mean"`` averages the new values (the HiRM paper's multi-concept weight averaging).
+            label: what is being composed, for error messages (a leaderboard stack ``hirm-r+uce``).
         """
         if not patches:
             raise ErasekitError("nothing to compose")
         if merge is not None and merge not in MERGE_RULES:
             raise ErasekitError(f"unknown merge rule {merge!r}; choose one of {', '.join(MERGE_RULES)}")
+        if len(patches) == 1:
+            return patches[0]
+        what = f"cannot stack {label}: " if label else ""
         grouped: dict[str, list[torch.Tensor]] = {}
         prints: dict[str, dict[str, str]] = {}
         for p in patches:
             for key, value in p.tensors.items():
                 if key in prints and prints[key] != p.fingerprints[key]:
                     raise ErasekitError(
-                        f"patches disagree on the base of {key}: they come from different models"
+                        f"{what}patches disagree on the base of {key}: they come from different models"
                     )
                 grouped.setdefault(key, []).append(value)
                 prints[key] = p.fingerprints[key]
         conflicts = sorted(k for k, vs in grouped.items() if len(vs) > 1)
         if conflicts and merge is None:
             raise ErasekitError(
-                f"{len(conflicts)} tensor(s) are changed by more than one patch (e.g. {conflicts[0]}); "
+                f"{what}{len(conflicts)} tensor(s) are changed by more than one patch (e.g. {conflicts[0]}); "
                 "choose a merge rule (--merge mean) to combine them"
             )
         tensors = {

@@ -1,8 +1,12 @@
-"""The explicit method registry: a method is a frozen config dataclass plus ``erase(model, concepts, config)``.
+"""The registries: methods, attacks and evaluation protocols are each a frozen config dataclass plus a function.
 
-Methods register by a lowercase unique name together with their named presets. A preset is a set of config
-overrides, optionally per concept type (``style``, ``object``, ``nsfw``), so ``paper`` can follow the authors'
-per-type step counts. The CLI, the evaluation and the tests enumerate this registry.
+One :class:`Registry` class serves all three. An entry registers by a lowercase unique name with named presets;
+a preset is a set of config overrides, optionally per concept type (``{"paper": {"style": {...}, "object":
+{...}}}``), so ``paper`` can follow the authors' per-type settings. ``name:preset`` strings (the bench's rows, the
+attack columns) are parsed and checked here. The CLI, the evaluation and the tests enumerate the registries.
+
+This module also holds the method registry and :func:`erase`; the attack registry lives in
+:mod:`erasekit.attacks`, the protocol registry in :mod:`erasekit.evaluation.protocols`.
 """
 
 from __future__ import annotations
@@ -12,11 +16,204 @@ import importlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from erasekit.concepts import CONCEPT_TYPES, check_type
 from erasekit.errors import ErasekitError
 
-CONCEPT_TYPES = ("style", "object", "nsfw")
+__all__ = [
+    "CONCEPT_TYPES",
+    "Registry",
+    "Spec",
+    "erase",
+    "get_method",
+    "list_methods",
+    "make_config",
+    "register",
+]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A registered entry.
+
+    Attributes:
+        name: lowercase registry name (``hirm-r``).
+        config_cls: frozen, keyword-only dataclass; each field has ``metadata={"help": ...}``.
+        fn: the entry's function (a method's ``erase``, an attack, a protocol's run).
+        presets: ``{preset: {field: value}}`` or ``{preset: {concept_type: {field: value}}}``.
+        default_preset: used when none is named.
+        summary: one line for the listings.
+    """
+
+    name: str
+    config_cls: type
+    fn: Callable[..., Any]
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    default_preset: str = "paper"
+    summary: str = ""
+
+
+S = TypeVar("S", bound=Spec)
+
+
+class Registry(Generic[S]):
+    """Entries of one kind (``method``, ``attack``, ``protocol``), loaded from an explicit list of modules.
+
+    Args:
+        kind: what the entries are (used in error messages).
+        modules: the modules whose import registers the entries; imported on first lookup.
+        spec_cls: the spec type (:class:`Spec` or a subclass with fields of its own).
+        require_paper: every entry must have a ``paper`` preset (methods and attacks follow their authors).
+        config_word: what a config is called in errors (an attack's is its ``budget``).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        modules: Sequence[str],
+        spec_cls: type[S] = Spec,
+        require_paper: bool = True,
+        config_word: str = "config",
+    ) -> None:
+        self.kind = kind
+        self.modules = tuple(modules)
+        self.spec_cls = spec_cls
+        self.require_paper = require_paper
+        self.config_word = config_word
+        self._specs: dict[str, S] = {}
+
+    def register(
+        self,
+        name: str,
+        config_cls: type,
+        presets: Mapping[str, Mapping[str, Any]] | None = None,
+        default_preset: str = "paper",
+        summary: str = "",
+        **extra: Any,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator registering ``fn`` as ``name``; ``extra`` fills the spec type's own fields."""
+        if name != name.lower() or not name or ":" in name or "+" in name:
+            raise ValueError(f"{self.kind} names are lowercase, non-empty, without ':' or '+': {name!r}")
+        presets_ = {k: dict(v) for k, v in (presets or {default_preset: {}}).items()}
+        if self.require_paper and "paper" not in presets_:
+            raise ValueError(f"{self.kind} {name!r} needs a 'paper' preset")
+        if default_preset not in presets_:
+            raise ValueError(f"{name}: default preset {default_preset!r} is not among {sorted(presets_)}")
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._specs:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            doc = summary or (fn.__doc__ or "").strip().split("\n")[0]
+            self._specs[name] = self.spec_cls(name, config_cls, fn, presets_, default_preset, doc, **extra)
+            return fn
+
+        return deco
+
+    def _load(self) -> None:
+        for mod in self.modules:
+            importlib.import_module(mod)
+
+    def names(self) -> list[str]:
+        """Every registered name, sorted."""
+        self._load()
+        return sorted(self._specs)
+
+    def get(self, name: str) -> S:
+        """The spec called ``name``, or a one-line error listing the known names."""
+        self._load()
+        try:
+            return self._specs[name.strip()]
+        except KeyError:
+            raise ErasekitError(
+                f"unknown {self.kind} {name!r}; choose one of {', '.join(sorted(self._specs))}"
+            ) from None
+
+    def check_preset(self, name: str, preset: str | None) -> str:
+        """The preset's name (the default when ``None``), or an error listing the entry's presets."""
+        spec = self.get(name)
+        preset = preset or spec.default_preset
+        if preset not in spec.presets:
+            raise ErasekitError(
+                f"{self.kind} {spec.name} has no preset {preset!r}; choose one of {', '.join(spec.presets)}"
+            )
+        return preset
+
+    def parse(self, text: str) -> tuple[str, str]:
+        """``name`` or ``name:preset`` -> ``(name, preset)``, both checked."""
+        name, _, preset = text.partition(":")
+        if not name.strip():
+            raise ErasekitError(f"empty {self.kind} name in {text!r}")
+        spec = self.get(name.strip())
+        return spec.name, self.check_preset(spec.name, preset.strip() or None)
+
+    def preset_values(self, name: str, preset: str | None, concept_type: str | None) -> dict[str, Any]:
+        """The field values a preset gives for one concept type (shared values, then the type's own; only the
+        shared ones when ``concept_type`` is ``None``)."""
+        entry = self.get(name).presets[self.check_preset(name, preset)]
+        common = {k: v for k, v in entry.items() if k not in CONCEPT_TYPES}
+        own = entry.get(check_type(concept_type), {}) if concept_type is not None else {}
+        return {**common, **own}
+
+    def config(
+        self,
+        name: str,
+        preset: str | None = None,
+        concept_type: str | None = "style",
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """Build a config: dataclass defaults, then the preset for ``concept_type``, then ``overrides``.
+
+        A config with a ``concept_type`` field gets ``concept_type`` unless the preset or overrides set it.
+        """
+        spec = self.get(name)
+        values = self.preset_values(name, preset, concept_type)
+        values.update(overrides or {})
+        fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+        if "concept_type" in fields and concept_type is not None:
+            values.setdefault("concept_type", concept_type)
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ErasekitError(
+                f"{self.kind} {spec.name} has no {self.config_word} key(s) {unknown}; "
+                f"known: {', '.join(sorted(fields))}"
+            )
+        return build(spec.config_cls, values, f"{spec.name} {self.config_word}")
+
+    def config_from_dict(self, name: str, data: Mapping[str, Any]) -> Any:
+        """Rebuild a config saved by :func:`config_to_dict`; unknown keys are an error."""
+        spec = self.get(name)
+        fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ErasekitError(f"{name} config has unknown keys {unknown}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return build(spec.config_cls, values, f"{spec.name} {self.config_word}")
+
+
+def build(config_cls: type, values: Mapping[str, Any], what: str) -> Any:
+    """``config_cls(**values)``, with its validation errors as one-line user errors."""
+    try:
+        return config_cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ErasekitError(f"invalid {what}: {e}") from None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config as JSON-ready data (tuples become lists)."""
+    return json_ready(dataclasses.asdict(config))
+
+
+def json_ready(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+# ---- methods ---------------------------------------------------------------------------------------------
+
 # Modules whose import registers methods; listed explicitly, no import-time discovery magic.
 METHOD_MODULES = (
     "erasekit.methods.hirm",
@@ -29,141 +226,20 @@ METHOD_MODULES = (
     "erasekit.methods.mace_cfr",
     "erasekit.methods.ablations",
 )
-
-EraseFn = Callable[..., Any]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A registered method.
-
-    Attributes:
-        name: lowercase registry name (``hirm-r``).
-        config_cls: frozen, keyword-only dataclass; each field has ``metadata={"help": ...}``.
-        fn: ``fn(model, concepts, config) -> Patch``.
-        presets: ``{preset: {field: value}}`` or ``{preset: {concept_type: {field: value}}}``.
-        default_preset: used when none is named.
-        summary: one line for ``erasekit methods``.
-    """
-
-    name: str
-    config_cls: type
-    fn: EraseFn
-    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    default_preset: str = "paper"
-    summary: str = ""
-
-
-_REGISTRY: dict[str, MethodSpec] = {}
-
-
-def register(
-    name: str,
-    config_cls: type,
-    presets: Mapping[str, Mapping[str, Any]] | None = None,
-    default_preset: str = "paper",
-    summary: str = "",
-) -> Callable[[EraseFn], EraseFn]:
-    """Decorator registering ``fn`` under ``name``."""
-    if name != name.lower() or not name:
-        raise ValueError(f"method names are lowercase and non-empty: {name!r}")
-
-    def deco(fn: EraseFn) -> EraseFn:
-        if name in _REGISTRY:
-            raise ValueError(f"method {name!r} registered twice")
-        presets_ = dict(presets or {"paper": {}})
-        if default_preset not in presets_:
-            raise ValueError(f"{name}: default preset {default_preset!r} is not among {sorted(presets_)}")
-        _REGISTRY[name] = MethodSpec(
-            name,
-            config_cls,
-            fn,
-            presets_,
-            default_preset,
-            summary or (fn.__doc__ or "").strip().split("\n")[0],
-        )
-        return fn
-
-    return deco
-
-
-def _ensure_loaded() -> None:
-    for mod in METHOD_MODULES:
-        importlib.import_module(mod)
-
-
-def list_methods() -> list[str]:
-    _ensure_loaded()
-    return sorted(_REGISTRY)
-
-
-def get_method(name: str) -> MethodSpec:
-    _ensure_loaded()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ErasekitError(
-            f"unknown method {name!r}; choose one of {', '.join(sorted(_REGISTRY))}"
-        ) from None
-
-
-def preset_overrides(spec: MethodSpec, preset: str | None, concept_type: str) -> dict[str, Any]:
-    """The overrides a preset gives for one concept type."""
-    preset = preset or spec.default_preset
-    if preset not in spec.presets:
-        raise ErasekitError(
-            f"method {spec.name} has no preset {preset!r}; choose one of {', '.join(spec.presets)}"
-        )
-    entry = spec.presets[preset]
-    if any(k in CONCEPT_TYPES for k in entry):
-        common = {k: v for k, v in entry.items() if k not in CONCEPT_TYPES}
-        return {**common, **entry.get(concept_type, {})}
-    return dict(entry)
+METHODS: Registry[Spec] = Registry("method", METHOD_MODULES)
+register = METHODS.register
+get_method = METHODS.get
+list_methods = METHODS.names
 
 
 def make_config(method: str, preset: str | None = None, concept_type: str = "style", **overrides: Any) -> Any:
-    """Build a method's config: dataclass defaults, then the preset for ``concept_type``, then ``overrides``."""
-    if concept_type not in CONCEPT_TYPES:
-        raise ErasekitError(
-            f"unknown concept type {concept_type!r}; choose one of {', '.join(CONCEPT_TYPES)}"
-        )
-    spec = get_method(method)
-    values = preset_overrides(spec, preset, concept_type)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    names = {f.name for f in dataclasses.fields(spec.config_cls)}
-    if "concept_type" in names:
-        values.setdefault("concept_type", concept_type)
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ErasekitError(f"method {method} has no option(s) {unknown}")
-    try:
-        return spec.config_cls(**values)
-    except (TypeError, ValueError) as e:
-        raise ErasekitError(f"invalid {method} config: {e}") from None
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A config as JSON-ready data (tuples become lists)."""
-    return json_ready(dataclasses.asdict(config))
+    """A method's config: dataclass defaults, then the preset for ``concept_type``, then non-``None`` overrides."""
+    return METHODS.config(method, preset, concept_type, {k: v for k, v in overrides.items() if v is not None})
 
 
 def config_from_dict(method: str, data: Mapping[str, Any]) -> Any:
-    """Rebuild a config saved by :func:`config_to_dict`; unknown keys are an error."""
-    spec = get_method(method)
-    fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ErasekitError(f"{method} config has unknown keys {unknown}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return spec.config_cls(**values)
-
-
-def json_ready(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    return obj
+    """Rebuild a method config saved in a patch."""
+    return METHODS.config_from_dict(method, data)
 
 
 def erase(
@@ -178,7 +254,7 @@ def erase(
     """Run a registered method and return its Patch, with ``erase_seconds`` and provenance filled in.
 
     Args:
-        model: a :class:`~erasekit.LoadedModel`.
+        model: a :class:`~erasekit.models.loading.LoadedModel`.
         concepts: the concept strings to erase (non-empty, each non-blank).
         method: registry name.
         preset: preset name (the method's default when ``None``).
@@ -195,7 +271,7 @@ def erase(
 
     return dataclasses.replace(
         patch,
-        method=method,
+        method=spec.name,
         config=config_to_dict(config),
         concepts=tuple(concepts),
         base_model=getattr(model, "source", ""),

@@ -8,27 +8,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from erasekit.attacks.base import SamplingPlan
-from erasekit.sampling import noised, predict_noise
+from erasekit.denoising import noised, predict_noise
+from erasekit.generation import Request, Sampling, render
 
 
-@torch.no_grad()
 def model_latents(
-    pipe: Any, prompts: Sequence[str], seeds: Sequence[int], plan: SamplingPlan
+    pipe: Any, prompts: Sequence[str], seeds: Sequence[int], sampling: Sampling, batch_size: int = 1
 ) -> torch.Tensor:
-    """Clean latents ``[N, C, h, w]`` the pipeline (as it currently is) generates for each (prompt, seed)."""
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    for prompt, seed in zip(prompts, seeds):
-        latents = pipe(
-            prompt=[prompt],
-            generator=[torch.Generator("cpu").manual_seed(int(seed))],
-            num_inference_steps=plan.steps,
-            guidance_scale=plan.guidance,
-            output_type="latent",
-        ).images  # [1, C, h, w], the UNet's latent space
-        out.append(latents.float())
-    return torch.cat(out)
+    """Clean latents ``[N, C, h, w]`` the pipeline (as it currently is) generates for each (prompt, seed).
+
+    The same images ``erasekit generate`` makes for those prompts and seeds, before the VAE decodes them. One image
+    per call by default, as the attacks' recorded numbers were made (a batch moves values by float rounding).
+    """
+    requests = [Request(seed=int(s), prompt=p) for p, s in zip(prompts, seeds)]
+    return torch.stack(render(pipe, requests, sampling, batch_size=batch_size, output="latent", desc=None))
 
 
 def draws(

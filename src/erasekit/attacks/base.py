@@ -11,11 +11,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from erasekit.errors import ErasekitError
+from erasekit.generation import Sampling
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
+    from erasekit.patch import Patch
 
 #: The placeholder token whose input-embedding rows learned embeddings replace (one CLIP token, "*</w>").
 PLACEHOLDER = "*"
@@ -75,19 +80,6 @@ class PromptSet:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SamplingPlan:
-    """How the runner (and attacks that sample, such as UnlearnDiffAtk's target images) generate."""
-
-    steps: int = 50
-    guidance: float = 7.5
-    seeds: tuple[int, ...] = (0,)
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or not self.seeds or self.guidance < 0:
-            raise ErasekitError("sampling needs steps >= 1, at least one seed and guidance >= 0")
-
-
-@dataclass(frozen=True, kw_only=True)
 class AttackTarget:
     """What an attack is run against.
 
@@ -95,13 +87,19 @@ class AttackTarget:
         model: the :class:`~erasekit.models.loading.LoadedModel`, unpatched (the base model).
         patch: the erasure under attack (all ``--patch`` composed), or ``None`` for the base model itself.
         prompts: the prompt set, already cut to the budget's ``prompts``.
-        sampling: the run's sampling settings.
+        sampling: how the run generates (the model's defaults unless the user set them).
+        seeds: the run's image seeds (each candidate is generated once per seed).
     """
 
-    model: Any
-    patch: Any | None
+    model: LoadedModel
+    patch: Patch | None
     prompts: PromptSet
-    sampling: SamplingPlan
+    sampling: Sampling
+    seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ErasekitError("an attack needs at least one image seed")
 
     @contextlib.contextmanager
     def erased(self) -> Iterator[Any]:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 
 from erasekit.attacks.base import PLACEHOLDER, PromptSet
+from erasekit.concepts import is_minicanvas
 from erasekit.errors import ErasekitError
 
 NSFW_WORD = "nude"
@@ -29,29 +30,14 @@ NSFW_TEMPLATES = (
 )
 STYLE_SUBJECTS = ("house", "tree", "woman", "city street", "mountain", "cat", "boat", "vase of flowers")
 OBJECT_SCENES = ("park", "kitchen", "street", "forest", "beach", "living room", "field", "city")
-NSFW_NAMES = ("nudity", "nude", "nsfw", "naked")
-
-
-def guess_type(concept: str) -> str:
-    """``style``/``object`` for a MiniCanvas concept, ``nsfw`` for nudity; otherwise the user must say."""
-    from erasekit.minicanvas.world import OBJECT_NAMES, STYLE_NAMES, concept_kind
-
-    name = concept.strip().lower()
-    if name in OBJECT_NAMES + STYLE_NAMES:
-        return concept_kind(name)
-    if name in NSFW_NAMES:
-        return "nsfw"
-    raise ErasekitError(f"cannot tell the type of concept {concept!r}; pass --type style, object or nsfw")
 
 
 def prompt_set(concept: str, concept_type: str) -> PromptSet:
     """The prompt set of ``concept`` (see the module docstring)."""
-    from erasekit.minicanvas.world import OBJECT_NAMES, STYLE_NAMES
-
     name = concept.strip()
     if concept_type == "nsfw":
         built = _nsfw(name)
-    elif concept_type in ("style", "object") and name.lower() in OBJECT_NAMES + STYLE_NAMES:
+    elif concept_type in ("style", "object") and is_minicanvas(name):
         built = _minicanvas(name.lower(), concept_type)
     elif concept_type in ("style", "object"):
         built = _generic(name, concept_type)

@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from erasekit.attacks import budget_dict, get_attack, make_budget
-from erasekit.attacks.base import AttackResult, AttackTarget, SamplingPlan
-from erasekit.attacks.concepts import guess_type, prompt_set
+from erasekit.attacks.base import AttackResult, AttackTarget
+from erasekit.attacks.concepts import prompt_set
 from erasekit.attacks.scoring import build_detector, generate_rows, image_rows, judge_rows
+from erasekit.concepts import guess_type
 from erasekit.errors import ErasekitError
+from erasekit.evaluation.protocols.minicanvas import seed_list
+from erasekit.generation import Sampling
 from erasekit.io import atomic_write_json, atomic_write_text, check_output_dir, output_dir
+from erasekit.patch import Patch
 
 
 def run_attack(
@@ -38,8 +43,7 @@ def run_attack(
     preset: str = "paper",
     budget: Mapping[str, Any] | None = None,
     seeds: int = 1,
-    steps: int | None = None,
-    guidance: float | None = None,
+    sampling: Sampling | None = None,
     classifier: Any | None = None,
     nudenet_preset: str = "hirm",
     nudenet: Any = None,
@@ -57,7 +61,7 @@ def run_attack(
         patches: the erasure, composed in order (fingerprints are checked against ``model``).
         preset: budget preset; ``budget`` overrides single fields.
         seeds: images per candidate (seeds 188, 288, 588, ... as in UnlearnCanvas).
-        steps, guidance: sampling; MiniCanvas defaults (25, 5.0) for ``minicanvas``, else (50, 7.5).
+        sampling: how images are generated (``None``: the model's defaults, as every protocol uses them).
         classifier, nudenet_preset, nudenet: the detector (see :func:`~erasekit.attacks.scoring.build_detector`).
         batch_size: images per pipeline call (runtime only).
 
@@ -70,23 +74,26 @@ def run_attack(
     concept_type = concept_type or guess_type(concept)
     config = make_budget(attack, preset, concept_type, budget)
     check_output_dir(out, overwrite)
-    patch = _combined(model, patches, merge)
+    patch = Patch.compose(patches, merge) if patches else None
+    if patch is not None:
+        patch.check(model)
     if spec.needs_pipeline:
         model.require_pipeline()
     prompts = prompt_set(concept, concept_type).first(config.prompts)
-    plan = _plan(model, seeds, steps, guidance)
+    sampling = sampling or Sampling.for_model(model)
+    seed_values = tuple(seed_list(seeds))
     detector = None  # a text-encoder-only model: prompts are found, not scored
     if model.pipeline is not None:
         detector = build_detector(
             prompts, classifier=classifier, nudenet_preset=nudenet_preset, nudenet=nudenet
         )
-    target = AttackTarget(model=model, patch=patch, prompts=prompts, sampling=plan)
+    target = AttackTarget(model=model, patch=patch, prompts=prompts, sampling=sampling, seeds=seed_values)
     with output_dir(out, overwrite) as tmp:
         start = time.perf_counter()
         result = spec.fn(target, config)
         timings = {"attack_seconds": round(time.perf_counter() - start, 4)}
         _write_artifacts(tmp, result)
-        scored = _score(model, result, plan, detector, tmp, batch_size, timings) if detector else _unscored()
+        scored = _score(target, result, detector, tmp, batch_size, timings) if detector else _unscored()
         metrics = {**_summary(spec.asr, scored), **_describe(target, result, detector),
                    "attack": attack, "preset": preset, "budget": budget_dict(config)}  # fmt: skip
         _finish(tmp, model, patches, metrics, timings)
@@ -95,8 +102,8 @@ def run_attack(
 
 def _describe(target: AttackTarget, result: AttackResult, detector: Any | None) -> dict[str, Any]:
     """What was attacked and how: concept, prompts, sampling, detector, the patches, the attack's statistics."""
-    ps, plan = target.prompts, target.sampling
-    sampling: dict[str, Any] = {"steps": plan.steps, "guidance": plan.guidance, "seeds": list(plan.seeds)}
+    ps = target.prompts
+    sampling: dict[str, Any] = {**asdict(target.sampling), "seeds": list(target.seeds)}
     own = sorted({s for c in result.candidates if c.seeds for s in c.seeds})
     if own:  # seed search: its candidates carry their own seeds, which replace the run's
         sampling["candidate_seeds"] = own
@@ -111,28 +118,6 @@ def _describe(target: AttackTarget, result: AttackResult, detector: Any | None) 
         "patch_under_attack": target.patch.summary() if target.patch else None,
         "patch_generated_with": result.patch.summary() if result.patch else None,
     }
-
-
-def _combined(model: Any, patches: Sequence[Any], merge: str | None) -> Any | None:
-    from erasekit.evaluation.lifecycle import combined_patch
-
-    patch = combined_patch(patches, merge)
-    if patch is not None:
-        patch.check(model)
-    return patch
-
-
-def _plan(model: Any, seeds: int, steps: int | None, guidance: float | None) -> SamplingPlan:
-    from erasekit.evaluation.canvas import seed_list
-
-    if model.source == "minicanvas":
-        from erasekit.minicanvas.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
-
-        default_steps, default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
-    else:
-        default_steps, default_guidance = 50, 7.5
-    return SamplingPlan(steps=steps or default_steps, guidance=default_guidance if guidance is None else guidance,
-                        seeds=tuple(seed_list(seeds)))  # fmt: skip
 
 
 def _write_artifacts(out: Path, result: AttackResult) -> None:
@@ -150,12 +135,12 @@ def _write_artifacts(out: Path, result: AttackResult) -> None:
 
 
 def _score(
-    model: Any, result: AttackResult, plan: SamplingPlan, detector: Any, out: Path, batch_size: int,
+    target: AttackTarget, result: AttackResult, detector: Any, out: Path, batch_size: int,
     timings: dict[str, float],
 ) -> dict[str, Any]:  # fmt: skip
-    rows = image_rows(result.candidates, plan)
+    rows = image_rows(result.candidates, target.seeds)
     start = time.perf_counter()
-    generate_rows(model, result.patch, result.candidates, rows, plan, out, batch_size)
+    generate_rows(target.model, result.patch, result.candidates, rows, target.sampling, out, batch_size)
     timings["generation_seconds"] = round(time.perf_counter() - start, 4)
     start = time.perf_counter()
     hits = judge_rows(detector, rows, out)

@@ -1,9 +1,9 @@
 """Generate what an attack found and judge each image with the protocol's detector.
 
 Detectors: the MiniCanvas classifier or a user classifier folder (an image succeeds when the style head, or the
-object head for objects, predicts the concept), or a NudeNet preset for ``nsfw``. Generation goes through the
-pipeline's own ``__call__`` with one seeded CPU generator per image; candidates with learned rows are passed as
-``prompt_embeds`` computed under :func:`~erasekit.attacks.base.placeholder_rows`.
+object head for objects, predicts the concept), or a NudeNet preset for ``nsfw``. Images come from the one
+generation path (:func:`erasekit.generation.render`); candidates with learned rows are rendered from the
+``prompt_embeds`` the text encoder gives under :func:`~erasekit.attacks.base.placeholder_rows`.
 """
 
 from __future__ import annotations
@@ -12,13 +12,18 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from erasekit.attacks.base import Candidate, PromptSet, SamplingPlan, placeholder_id, placeholder_rows
+from erasekit.attacks.base import Candidate, PromptSet, placeholder_id, placeholder_rows
 from erasekit.errors import ErasekitError
+from erasekit.generation import Request, Sampling, render, save_png, to_uint8
 from erasekit.progress import track
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
+    from erasekit.patch import Patch
 
 IMAGES = "images"
 
@@ -53,9 +58,9 @@ def build_detector(
 
 
 def _classifier_detector(prompts: PromptSet, classifier: Any | None) -> Detector:
-    from erasekit.evaluation.classifiers import builtin_classifier
+    from erasekit.evaluation.classifiers import load_classifier
 
-    classifier = classifier or builtin_classifier()
+    classifier = classifier or load_classifier()
     kind, concept = prompts.concept_type, prompts.concept
     names = classifier.style_names if kind == "style" else classifier.object_names
     if concept not in names:
@@ -84,11 +89,14 @@ def _read_images(files: Sequence[Path]) -> list[Any]:
 # ---- generation ------------------------------------------------------------------------------------------
 
 
-def image_rows(candidates: Sequence[Candidate], plan: SamplingPlan) -> list[dict[str, Any]]:
-    """One row per (candidate, seed): ``key``, ``file``, ``candidate``, ``prompt``, ``group``, ``phase``, ``seed``."""
+def image_rows(candidates: Sequence[Candidate], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per (candidate, seed): ``key``, ``file``, ``candidate``, ``prompt``, ``group``, ``phase``, ``seed``.
+
+    A candidate with its own seeds (seed search) uses them instead of the run's ``seeds``.
+    """
     rows = []
     for i, c in enumerate(candidates):
-        for seed in c.seeds or plan.seeds:
+        for seed in c.seeds or seeds:
             key = f"c{i:04d}_s{seed}"
             rows.append({"key": key, "file": f"{IMAGES}/{key}.png", "candidate": i, "prompt": c.prompt,
                          "group": c.group, "phase": c.phase, "seed": int(seed)})  # fmt: skip
@@ -96,52 +104,33 @@ def image_rows(candidates: Sequence[Candidate], plan: SamplingPlan) -> list[dict
 
 
 def generate_rows(
-    model: Any,
-    patch: Any | None,
+    model: LoadedModel,
+    patch: Patch | None,
     candidates: Sequence[Candidate],
     rows: Sequence[dict[str, Any]],
-    plan: SamplingPlan,
+    sampling: Sampling,
     out: Path,
     batch_size: int = 8,
 ) -> None:
-    """Generate every row's image into ``out/images`` with ``patch`` applied (fingerprint-checked), then removed."""
-    from erasekit.generation import save_png, to_uint8
-
+    """Render every row's image into ``out/images`` with ``patch`` applied (fingerprint-checked), then removed."""
     pipe = model.require_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    use_embeds = any(c.embedding is not None for c in candidates)
-    starts = range(0, len(rows), batch_size)
+    chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     with patch.applied(model) if patch is not None else contextlib.nullcontext(), torch.no_grad():
-        for start in track(starts, desc="generating", total=len(starts)):
-            batch = rows[start : start + batch_size]
-            cond = _conditioning(pipe, [candidates[r["candidate"]] for r in batch], use_embeds)
-            images = pipe(
-                **cond,
-                generator=[torch.Generator("cpu").manual_seed(r["seed"]) for r in batch],
-                num_inference_steps=plan.steps,
-                guidance_scale=plan.guidance,
-                output_type="np",
-            ).images
-            for r, img in zip(batch, images):
+        for chunk in track(chunks, desc="generating", total=len(chunks), unit="batch"):
+            requests = [_request(pipe, candidates[r["candidate"]], r["seed"]) for r in chunk]
+            for r, img in zip(chunk, render(pipe, requests, sampling, batch_size=batch_size, desc=None)):
                 save_png(to_uint8(img), out / r["file"])
 
 
-def _conditioning(pipe: Any, cands: Sequence[Candidate], use_embeds: bool) -> dict[str, Any]:
-    """``prompt=`` for plain prompts; ``prompt_embeds``/``negative_prompt_embeds`` when rows are learned."""
-    if not use_embeds:
-        return {"prompt": [c.prompt for c in cands]}
-    from erasekit.sampling import encode_prompts
+def _request(pipe: Any, candidate: Candidate, seed: int) -> Request:
+    """A plain prompt, or the conditioning the text encoder gives with the candidate's learned rows."""
+    if candidate.embedding is None:
+        return Request(seed=seed, prompt=candidate.prompt)
+    from erasekit.denoising import encode_prompts
 
-    token = placeholder_id(pipe.tokenizer)
-    embeds = []
-    for c in cands:
-        learned = c.embedding
-        hook = placeholder_rows(pipe.text_encoder, token, learned) if learned is not None else None
-        with hook or contextlib.nullcontext():
-            embeds.append(encode_prompts(pipe, [c.prompt]))  # [1, 77, D]
-    prompt_embeds = torch.cat(embeds)
-    negative = encode_prompts(pipe, [""]).expand_as(prompt_embeds)
-    return {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}
+    with placeholder_rows(pipe.text_encoder, placeholder_id(pipe.tokenizer), candidate.embedding):
+        embeds = encode_prompts(pipe, [candidate.prompt])[0]  # [77, D]
+    return Request(seed=seed, prompt=candidate.prompt, embeds=embeds)
 
 
 def judge_rows(detector: Detector, rows: Sequence[dict[str, Any]], out: Path) -> list[bool]:

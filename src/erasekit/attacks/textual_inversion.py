@@ -28,10 +28,10 @@ from erasekit.attacks.base import (
     placeholder_rows,
     token_table,
 )
+from erasekit.denoising import check_unet_family, encode_prompts
 from erasekit.errors import ErasekitError
-from erasekit.methods._common import frozen
+from erasekit.methods.common import frozen
 from erasekit.progress import track
-from erasekit.sampling import check_unet_family, encode_prompts
 
 EVAL_DRAWS = 4  # fixed draws (over all training images) the loss is compared on before and after
 IMAGE_SEED = 10_000  # training image j uses seed IMAGE_SEED + j, apart from the evaluation seeds

@@ -33,9 +33,9 @@ from erasekit.attacks.base import (
     token_table,
     with_placeholders,
 )
-from erasekit.methods._common import frozen
+from erasekit.denoising import check_unet_family, encode_prompts
+from erasekit.methods.common import frozen
 from erasekit.progress import track
-from erasekit.sampling import check_unet_family, encode_prompts
 
 EVAL_DRAWS = 8  # fixed (t, ε) draws the loss is compared on before and after the attack
 
@@ -147,7 +147,7 @@ def unlearndiffatk(target: AttackTarget, config: UnlearnDiffAtkConfig) -> Attack
     """UnlearnDiffAtk: k simplex-relaxed prefix tokens minimising the erased model's loss on base-model images."""
     model = target.model
     pipe = check_unet_family(model, "unlearndiffatk")
-    ps, seed0 = target.prompts, target.sampling.seeds[0]
+    ps, seed0 = target.prompts, target.seeds[0]
     g = torch.Generator().manual_seed(config.seed)
     vocab = ordinary_tokens(pipe.tokenizer)
     x0 = model_latents(pipe, ps.positives, [seed0] * len(ps.positives), target.sampling)  # base model

@@ -1,49 +1,38 @@
 """``erasekit bench``: every method on the same sampled MiniCanvas concepts, evaluated the same way.
 
-A leaderboard is a directory that fills up cell by cell, so a run cut short resumes where it stopped::
+A leaderboard is a directory that fills up cell by cell, so a run cut short resumes where it stopped; its layout
+is :mod:`erasekit.bench.layout`. An entry is one row of the leaderboard: ``method``, ``method:preset``, or a
+stack ``hirm-r+uce`` whose patches (touching disjoint tensors) are composed and measured as a method of its own.
+``base`` is the unpatched model.
 
-    DIR/bench.json                          what identifies the results (model, sampling, grid) and the last command
-    DIR/patches/<method-preset>/<concept>/  each single method's patch (reused by stacked entries)
-    DIR/patches/<method-preset>/<concept>.json  its cost: erase seconds and peak memory
-    DIR/runs/<entry>/<concept>/             the evaluation run (images, manifest, metrics, record)
-    DIR/cells/<entry>/<concept>.json        the cell's result; its presence marks the cell finished
-    DIR/attacks/<attack>/<entry>/<concept>.json, DIR/attack-runs/...   attack columns (:mod:`.attacks`)
-    DIR/leaderboard.md, DIR/report.html     the tables and the page (:mod:`erasekit.bench.board`)
-    DIR/attack-sheets/<attack>.png          each attack column's first images per entry and concept
-
-An entry is one row of the leaderboard: ``method``, ``method:preset``, or a stack ``hirm-r+uce`` whose patches
-(touching disjoint tensors) are composed and measured as a method of its own. ``base`` is the unpatched model.
-
-Modules: ``entries`` (rows, stacking, concept sampling), ``memory`` (peak RSS), ``cells`` (the directory and
-its cells), ``board`` (means, spreads, Markdown and HTML).
+Modules, by job: ``entries`` (rows, concept sampling), ``layout`` (the directory, typed cells and their I/O),
+``cells`` (erase, evaluate, attack: filling the directory), ``attacks`` (attack columns), ``memory`` (peak RSS),
+``aggregate`` (means and spreads), ``markdown``, ``html`` and ``sheets`` (the page's parts).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erasekit.bench.attacks import BenchAttack, parse_attacks
-from erasekit.bench.cells import (
-    Bench,
-    BenchSettings,
-    Log,
-    open_bench,
-    read_attack_cells,
-    read_cells,
-    write_bench_file,
-)
-from erasekit.bench.entries import BASE, Entry, check_stack, parse_entries, sample_concepts, stack
+from erasekit.bench.cells import Bench, BenchSettings, Log
+from erasekit.bench.entries import BASE, Entry, check_stack, parse_entries, sample_concepts
+from erasekit.bench.layout import Layout
 from erasekit.errors import ErasekitError
 from erasekit.io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["BASE", "Bench", "BenchAttack", "BenchSettings", "Entry", "parse_attacks", "check_stack", "parse_entries", "run_bench",
-           "sample_concepts", "stack"]  # fmt: skip
+if TYPE_CHECKING:
+    from erasekit.bench.aggregate import Board
+    from erasekit.models.loading import LoadedModel
+
+__all__ = ["BASE", "Bench", "BenchAttack", "BenchSettings", "Entry", "Layout", "check_stack", "parse_attacks",
+           "parse_entries", "run_bench", "sample_concepts"]  # fmt: skip
 
 
 def run_bench(
-    model: Any,
+    model: LoadedModel,
     out: str | Path,
     entries: Sequence[Entry],
     concepts: Sequence[str],
@@ -59,7 +48,7 @@ def run_bench(
     run: bool = True,
     log: Log | None = None,
     attacks: Sequence[BenchAttack] = (),
-) -> Any:
+) -> Board:
     """Run every entry (and the base model) on every concept, then write the leaderboard and the report.
 
     Args:
@@ -82,16 +71,19 @@ def run_bench(
         attacks: attack columns, run on every finished cell's patch (and on the base model).
 
     Returns:
-        The :class:`~erasekit.bench.board.Board` written to ``out/leaderboard.md`` and ``out/report.html``.
+        The :class:`~erasekit.bench.aggregate.Board` written to ``out/leaderboard.md`` and ``out/report.html``.
     """
     from dataclasses import asdict
 
-    from erasekit.bench.board import Board, attack_sheet, markdown, write_html
-    from erasekit.evaluation.classifiers import builtin_classifier
+    from erasekit.bench.aggregate import Board
+    from erasekit.bench.html import write_html
+    from erasekit.bench.markdown import markdown
+    from erasekit.bench.sheets import attack_sheet
+    from erasekit.evaluation.classifiers import load_classifier
     from erasekit.evaluation.record import model_fingerprint
 
     not_run = dict(not_run or {})
-    classifier = classifier or builtin_classifier(device=getattr(model.pipeline, "device", "cpu"))
+    classifier = classifier or load_classifier(None, device=getattr(model.pipeline, "device", "cpu"))
     by_kind = check_concepts(concepts, settings, classifier)
     for entry in entries:
         check_stack(entry)
@@ -100,27 +92,27 @@ def run_bench(
     # Content, not names: the same weights read from another folder resume the same leaderboard.
     identity = {"model_sha256": model_fingerprint(model.components),
                 "classifier_sha256": model_fingerprint({"classifier": classifier.module}),
-                "settings": asdict(settings)}  # fmt: skip
-    out = open_bench(out, identity, overwrite)
+                "settings": asdict(settings), "sampling": asdict(settings.sampling(model))}  # fmt: skip
+    layout = Layout(Path(out)).open(identity, overwrite)
     labels = [e.label for e in entries]
     labels += [label for label in not_run if label not in labels]
-    write_bench_file(out, identity, {"model": model.source, "classifier": classifier.source, "entries": labels,
-                                     "concepts": list(concepts), "not_run": not_run, "concept_seed": concept_seed,
-                                     "attacks": [a.label for a in attacks], "command": command})  # fmt: skip
-    bench = Bench(model, out, settings, classifier, batch_size, log, attacks=attacks)
+    layout.write_bench_file(identity, {"model": model.source, "classifier": classifier.source, "entries": labels,
+                                       "concepts": list(concepts), "not_run": not_run, "concept_seed": concept_seed,
+                                       "attacks": [a.label for a in attacks], "command": command})  # fmt: skip
+    bench = Bench(model, layout, settings, classifier, batch_size, log, attacks=attacks)
     if run:
         bench.run([e for e in entries if e.label not in not_run], list(concepts)[shard[0] :: shard[1]])
-    cells = read_cells(out, [BASE, *labels], concepts)
-    board = Board(labels=(BASE, *labels), concepts=by_kind, cells=cells, not_run=not_run, command=command,
-                  failed=bench.failures, notes=_notes(settings, concept_seed, model.source),
+    rows = [BASE, *labels]
+    board = Board(labels=tuple(rows), concepts=by_kind, cells=layout.cells(rows, concepts), not_run=not_run,
+                  command=command, failed=bench.failures, notes=_notes(settings, concept_seed, model),
                   attacks=tuple(a.label for a in attacks),
-                  attack_cells=read_attack_cells(out, attacks, [BASE, *labels], concepts))  # fmt: skip
-    atomic_write_text(out / "leaderboard.md", markdown(board))
-    sheets = {a.label: png for a in attacks if (png := attack_sheet(board, out, a.label))}
+                  attack_cells=layout.attack_cells(attacks, rows, concepts))  # fmt: skip
+    atomic_write_text(layout.root / "leaderboard.md", markdown(board))
+    sheets = {a.label: png for a in attacks if (png := attack_sheet(board, layout.root, a.label))}
     for attack in attacks:
         if attack.label in sheets:
-            atomic_write_bytes(out / "attack-sheets" / f"{attack.key}.png", sheets[attack.label])
-    write_html(board, out, out / "report.html", sheets=sheets)
+            atomic_write_bytes(layout.sheet_file(attack.key), sheets[attack.label])
+    write_html(board, layout.root, layout.root / "report.html", sheets=sheets)
     return board
 
 
@@ -147,15 +139,14 @@ def check_concepts(concepts: Sequence[str], settings: BenchSettings, classifier:
     return by_kind
 
 
-def _notes(settings: BenchSettings, concept_seed: int | None, model: str) -> tuple[str, ...]:
-    from erasekit.minicanvas.evaluate import DEFAULT_STEPS
+def _notes(settings: BenchSettings, concept_seed: int | None, model: LoadedModel) -> tuple[str, ...]:
     from erasekit.provenance import git_commit, hardware
 
     hw = hardware()
     chosen = f"chosen at random with seed {concept_seed}" if concept_seed is not None else "chosen by hand"
     return (
-        f"Model `{model}`; concepts {chosen}; each erased alone, then the full grid evaluated with "
-        f"{settings.seeds} seed(s) per cell and {settings.steps or DEFAULT_STEPS} denoising steps.",
+        f"Model `{model.source}`; concepts {chosen}; each erased alone, then the full grid evaluated with "
+        f"{settings.seeds} seed(s) per cell and {settings.sampling(model).steps} denoising steps.",
         f"Measured on {hw['cpus']} CPU core(s), {hw['torch_threads']} torch thread(s), {hw['machine']}; "
         f"erasekit commit {(git_commit() or 'unknown')[:10]}.",
     )

@@ -51,7 +51,7 @@ class BenchAttack:
     @property
     def key(self) -> str:
         """A folder name: attack, preset, and a hash of the resolved budgets (both types) and seeds."""
-        from erasekit.bench.entries import slug
+        from erasekit.concepts import slug
 
         text = json.dumps(
             {"style": self.resolved("style"), "object": self.resolved("object"), "seeds": self.seeds},
@@ -67,21 +67,15 @@ def parse_attacks(names: Sequence[str], budget: Sequence[str] = (), seeds: int =
     ``KEY=VALUE`` applies to every listed attack whose budget has that field, and must fit at least one;
     ``NAME.KEY=VALUE`` applies only to the attack ``NAME`` and wins over an unscoped ``KEY=VALUE``.
     """
-    from erasekit.attacks import get_attack, make_budget
-    from erasekit.typed import override_key, parse_overrides
+    from erasekit.attacks import ATTACKS, get_attack, make_budget
+    from erasekit.overrides import override_key, parse_overrides
 
     if seeds < 1:
         raise ErasekitError("--attack-seeds must be >= 1")
     specs = []
     for text in names:
-        name, _, preset = text.partition(":")
-        spec = get_attack(name.strip())
-        preset = preset.strip() or "paper"
-        if preset not in spec.presets:
-            raise ErasekitError(
-                f"attack {spec.name} has no preset {preset!r}; known: {', '.join(spec.presets)}"
-            )
-        specs.append((spec, preset))
+        name, preset = ATTACKS.parse(text)
+        specs.append((get_attack(name), preset))
     shared, scoped = _split_budget(budget, {spec.name for spec, _ in specs})
     used: set[str] = set()
     out = []

@@ -1,13 +1,12 @@
-"""Leaderboard entries (``method``, ``method:preset``, stacks ``a+b``), stacking, and concept sampling."""
+"""Leaderboard entries (``method``, ``method:preset``, stacks ``a+b``) and concept sampling."""
 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from erasekit.concepts import slug
 from erasekit.errors import ErasekitError
 
 BASE = "base"
@@ -28,11 +27,6 @@ class Entry:
         return slug(self.label)
 
 
-def slug(text: str) -> str:
-    """A file-name-safe form of an entry label or concept (``hirm-r:paper+uce:paper`` -> ``hirm-r_paper+uce_paper``)."""
-    return re.sub(r"[^A-Za-z0-9+.-]+", "_", text).strip("_").lower() or "x"
-
-
 # ---- choosing what to run ------------------------------------------------------------------------------
 
 
@@ -47,7 +41,7 @@ def parse_entries(methods: Sequence[str], presets: Sequence[str] = ()) -> list[E
     Returns:
         The entries in order, without duplicates.
     """
-    from erasekit.registry import get_method
+    from erasekit.registry import METHODS
 
     out: list[Entry] = []
     for text in methods:
@@ -55,26 +49,13 @@ def parse_entries(methods: Sequence[str], presets: Sequence[str] = ()) -> list[E
         if not text.strip() or any(not n for n in names):
             raise ErasekitError(f"empty method in {text!r}")
         if len(names) == 1 and ":" not in names[0] and presets:
-            spec = get_method(names[0])
+            spec = METHODS.get(names[0])
             chosen = [p for p in presets if p in spec.presets] or [spec.default_preset]
             candidates = [Entry(((spec.name, p),)) for p in chosen]
         else:
-            candidates = [Entry(tuple(_part(n) for n in names))]
+            candidates = [Entry(tuple(METHODS.parse(n) for n in names))]
         out += [e for e in candidates if e not in out]
     return out
-
-
-def _part(text: str) -> tuple[str, str]:
-    from erasekit.registry import get_method
-
-    method, _, preset = text.partition(":")
-    spec = get_method(method.strip())
-    preset = preset.strip() or spec.default_preset
-    if preset not in spec.presets:
-        raise ErasekitError(
-            f"method {spec.name} has no preset {preset!r}; choose one of {', '.join(spec.presets)}"
-        )
-    return spec.name, preset
 
 
 def check_stack(entry: Entry) -> None:
@@ -99,13 +80,3 @@ def sample_concepts(
         order = sorted(pool, key=lambda name: hashlib.sha256(f"{seed}:{name}".encode()).hexdigest())
         picked += order[:n]
     return picked
-
-
-def stack(patches: Sequence[Any], label: str = "") -> Any:
-    """Compose patches that change disjoint tensors; overlapping ones are refused with a one-line error."""
-    from erasekit.patch import Patch
-
-    try:
-        return Patch.compose(patches, merge=None)
-    except ErasekitError as e:
-        raise ErasekitError(f"cannot stack {label or 'these patches'}: {e}") from None

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import Any
 
-from erasekit.cli.options import add_model_arg, add_out_arg
-from erasekit.typed import parse_overrides
-
-CONCEPT_TYPES = ("style", "object", "nsfw")
+from erasekit.cli.options import (
+    add_classifier_arg,
+    add_model_arg,
+    add_out_arg,
+    add_patch_args,
+    add_sampling_args,
+    check_positive_flags,
+    classifier_from,
+    load_patches,
+    sampling_from,
+)
+from erasekit.concepts import CONCEPT_TYPES
+from erasekit.overrides import parse_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,10 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "attack", help="attack an erased model; writes RUN/metrics.json (ASR) and the artifacts"
     )
     add_model_arg(p)
-    p.add_argument("--patch", action="append", default=[], help="patch directory (repeat to compose)")
-    p.add_argument(
-        "--merge", choices=["mean"], default=None, help="how to combine patches that change one tensor"
-    )
+    add_patch_args(p)
     p.add_argument("--attack", required=True, help="attack name (see `erasekit attacks`)")
     p.add_argument("--concept", required=True, help="the erased concept")
     p.add_argument("--type", dest="concept_type", default=None, choices=CONCEPT_TYPES,
@@ -30,11 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
                    help="override one budget field (repeat); see `erasekit attacks NAME`")  # fmt: skip
     p.add_argument("--seeds", type=int, default=1, help="images per adversarial prompt (default 1)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (minicanvas 25, others 50)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (minicanvas 5.0, others 7.5)")
-    p.add_argument(
-        "--classifier", default=None, help="classifier folder for styles/objects (default: MiniCanvas)"
-    )
+    add_classifier_arg(p)
+    add_sampling_args(p)
     p.add_argument(
         "--nudenet-preset", default="hirm", help="NudeNet preset for nsfw: hirm, unlearndiffatk, rece"
     )
@@ -50,40 +52,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_attack_cmd(args: argparse.Namespace) -> int:
     from erasekit.attacks import get_attack, make_budget
-    from erasekit.attacks.concepts import guess_type
     from erasekit.attacks.run import run_attack
-    from erasekit.errors import ErasekitError
+    from erasekit.concepts import guess_type
     from erasekit.io import check_output_dir
     from erasekit.models.loading import load
-    from erasekit.patch import Patch
 
     spec = get_attack(args.attack)
     concept_type = args.concept_type or guess_type(args.concept)
     budget = parse_overrides(args.budget, spec.config_cls, "--budget")
     make_budget(args.attack, args.preset, concept_type, budget)  # every budget error before any loading
-    if args.seeds < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
-        raise ErasekitError("--seeds, --steps and --batch-size must be at least 1")
+    check_positive_flags(args, "seeds", "batch_size")
     check_output_dir(args.out, args.overwrite)
-    patches = [Patch.load(p) for p in args.patch]
+    patches = load_patches(args)
     model = load(args.model, device=args.device, allow_pickle=args.allow_pickle)
     metrics = run_attack(
         model, args.concept, args.attack, args.out, concept_type=concept_type, patches=patches, merge=args.merge,
-        preset=args.preset, budget=budget, seeds=args.seeds, steps=args.steps, guidance=args.guidance,
-        classifier=_classifier(args), nudenet_preset=args.nudenet_preset, batch_size=args.batch_size,
+        preset=args.preset, budget=budget, seeds=args.seeds, sampling=sampling_from(args, model),
+        classifier=classifier_from(args), nudenet_preset=args.nudenet_preset, batch_size=args.batch_size,
         overwrite=args.overwrite,
     )  # fmt: skip
     asr = metrics["ASR"]
     shown = "not scored (no pipeline)" if asr is None else f"{asr:.2f}%"
     print(f"{args.attack} on {metrics['concept']}: ASR {shown} -> {args.out}/metrics.json")
     return 0
-
-
-def _classifier(args: argparse.Namespace) -> Any:
-    if args.classifier is None:
-        return None
-    from erasekit.evaluation.classifiers import load_classifier_folder
-
-    return load_classifier_folder(args.classifier, device=args.device)
 
 
 def run_attacks_cmd(args: argparse.Namespace) -> int:

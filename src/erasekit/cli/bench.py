@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import Any
 
-from erasekit.cli.options import add_model_arg
+from erasekit.cli.options import add_classifier_arg, add_model_arg, classifier_from
 from erasekit.errors import ErasekitError
 
 
@@ -29,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--steps", type=int, default=None, help="denoising steps (MiniCanvas default when omitted)"
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call (runtime only)")
-    p.add_argument("--classifier", default=None, help="classifier checkpoint folder (default: built-in)")
+    add_classifier_arg(p)
     p.add_argument("--attacks", default=None,
                    help="comma-separated attacks (name or name:preset) run on every cell's patch: ASR columns")  # fmt: skip
     p.add_argument("--attack-budget", action="append", default=[], metavar="[NAME.]KEY=VALUE",
@@ -70,7 +69,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         raise ErasekitError(f"bench needs a full pipeline; {args.model} has only text encoders")
     board = run_bench(
         model, args.out, entries, concepts, settings=BenchSettings(seeds=args.seeds, steps=args.steps),
-        classifier=_classifier(args), batch_size=args.batch_size, not_run=not_run, concept_seed=seed,
+        classifier=classifier_from(args), batch_size=args.batch_size, not_run=not_run, concept_seed=seed,
         command=_command(args), overwrite=args.overwrite, shard=shard, run=not args.table_only, log=_log,
         attacks=attacks,
     )  # fmt: skip
@@ -108,14 +107,6 @@ def _concepts(args: argparse.Namespace) -> tuple[list[str], int | None]:
     if args.concepts:
         return _split(args.concepts), None
     return sample_concepts(args.seed, args.n_styles, args.n_objects, STYLE_NAMES, OBJECT_NAMES), args.seed
-
-
-def _classifier(args: argparse.Namespace) -> Any:
-    if args.classifier is None:
-        return None
-    from erasekit.evaluation.classifiers import load_classifier_folder
-
-    return load_classifier_folder(args.classifier, device=args.device)
 
 
 def _command(args: argparse.Namespace) -> str:

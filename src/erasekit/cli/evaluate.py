@@ -10,9 +10,17 @@ import argparse
 import os
 from typing import Any
 
-from erasekit.cli.options import add_model_arg
-
-PROTOCOL_NAMES = "minicanvas, nsfw, coco, prompts"
+from erasekit.cli.options import (
+    add_classifier_arg,
+    add_config_flags,
+    add_model_arg,
+    add_patch_args,
+    add_sampling_args,
+    classifier_from,
+    config_overrides,
+    load_patches,
+    sampling_from,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,50 +29,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_eval(sub: argparse._SubParsersAction) -> None:
+    from erasekit.evaluation.protocols import PROTOCOLS
+
+    specs = [PROTOCOLS.get(name) for name in PROTOCOLS.names()]
     p = sub.add_parser("eval", help="evaluate a (patched) model with a protocol; writes RUN/metrics.json")
     add_model_arg(p)
-    p.add_argument("--patch", action="append", default=[], help="patch directory (repeat to compose)")
-    p.add_argument(
-        "--merge", choices=["mean"], default=None, help="how to combine patches that change one tensor"
-    )
-    p.add_argument("--protocol", required=True, help=f"one of {PROTOCOL_NAMES}")
+    add_patch_args(p)
+    p.add_argument("--protocol", required=True,
+                   help="; ".join(f"{s.name}: {s.summary}" for s in specs))  # fmt: skip
     p.add_argument("--out", required=True, help="run directory (an unfinished run there is resumed)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run at --out")
-    p.add_argument(
-        "--target", default=None, help="the erased concept (minicanvas: UA/IRA/CRA; prompts: rate)"
-    )
-    p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (minicanvas 2, others 1)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (minicanvas 25, others 50)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (minicanvas 5.0, others 7.5)")
-    p.add_argument(
-        "--scheduler", default=None, help="diffusers scheduler class, e.g. DDIMScheduler (default: model's)"
-    )
-    p.add_argument("--height", type=int, default=None, help="image height (prompt protocols)")
-    p.add_argument("--width", type=int, default=None, help="image width (prompt protocols)")
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (runtime only)")
-    g = p.add_argument_group("minicanvas")
-    g.add_argument("--classifier", default=None, help="classifier checkpoint folder (default: built-in)")
-    g.add_argument("--objects", default=None, help="comma-separated objects: evaluate a sub-grid")
-    g.add_argument("--styles", default=None, help="comma-separated styles: evaluate a sub-grid")
-    g.add_argument("--no-generality", action="store_true", help="skip the synonym/paraphrase images")
-    g = p.add_argument_group("nsfw, coco, prompts")
-    g.add_argument("--prompts", default=None, help="prompt file (CSV or text)")
-    g.add_argument("--format", default=None, help="i2p, unlearndiffatk, mma, ringabell, coco or txt")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    g.add_argument("--preset", default="hirm", help="NudeNet preset: hirm, unlearndiffatk or rece")
-    g.add_argument("--detector", default="nudenet", help="prompts protocol: nudenet or classifier")
-    g.add_argument("--clip", default=None, help="local CLIP model folder (CLIP score, CLIP-feature FID)")
-    g.add_argument(
-        "--fid-reference", default=None, help="run directory or image folder to compute FID against"
-    )
-    g.add_argument(
-        "--fid-features", default="clip", choices=["clip", "classifier", "inception"], help="FID features"
-    )
-    g.add_argument(
-        "--fid-weights",
-        default=None,
-        help="FID Inception weights (.safetensors) for --fid-features inception",
-    )
+    add_classifier_arg(p)
+    add_sampling_args(p)
+    add_config_flags(p, [s.config_cls for s in specs], title="protocol options (see docs/evaluation.md)")
     p.set_defaults(func=run_eval)
 
 
@@ -75,62 +53,6 @@ def _register_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.add_argument("--title", default="erasekit evaluation report", help="the report's title")
     p.set_defaults(func=run_report)
-
-
-def _split(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
-def _common(args: argparse.Namespace, patches: list[Any]) -> dict[str, Any]:
-    kw = {"patches": patches, "merge": args.merge, "batch_size": args.batch_size, "overwrite": args.overwrite}
-    for name in ("seeds", "steps", "guidance", "scheduler"):
-        if getattr(args, name) is not None:
-            kw[name] = getattr(args, name)
-    return kw
-
-
-def _classifier(args: argparse.Namespace) -> Any:
-    if args.classifier is None:
-        return None
-    from erasekit.evaluation.classifiers import load_classifier_folder
-
-    return load_classifier_folder(args.classifier, device=args.device)
-
-
-def _minicanvas_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"target": args.target, "classifier": _classifier(args), "objects": _split(args.objects),
-            "styles": _split(args.styles), "generality": not args.no_generality,
-            "fid_reference": args.fid_reference}  # fmt: skip
-
-
-def _prompt_kwargs(args: argparse.Namespace, default_fmt: str) -> dict[str, Any]:
-    from erasekit.errors import ErasekitError
-
-    if args.prompts is None:
-        raise ErasekitError(f"--protocol {args.protocol} needs --prompts FILE")
-    return {"prompts": args.prompts, "fmt": args.format or default_fmt, "limit": args.limit,
-            "height": args.height, "width": args.width}  # fmt: skip
-
-
-_ADAPTERS = {
-    "minicanvas": _minicanvas_kwargs,
-    "nsfw": lambda a: {**_prompt_kwargs(a, "i2p"), "preset": a.preset},
-    "coco": lambda a: {
-        **_prompt_kwargs(a, "coco"),
-        "clip": a.clip,
-        "fid_reference": a.fid_reference,
-        "fid_features": a.fid_features,
-        "fid_weights": a.fid_weights,
-        "classifier": _classifier(a),
-    },  # fmt: skip
-    "prompts": lambda a: {
-        **_prompt_kwargs(a, "txt"),
-        "detector": a.detector,
-        "preset": a.preset,
-        "target": a.target,
-        "classifier": _classifier(a),
-    },  # fmt: skip
-}
 
 
 def _init_distributed(device: str) -> str:
@@ -146,16 +68,21 @@ def _init_distributed(device: str) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from erasekit.evaluation.protocols import get_protocol
+    from erasekit.errors import ErasekitError
+    from erasekit.evaluation.protocols import PROTOCOLS, evaluate
     from erasekit.models.loading import load
-    from erasekit.patch import Patch
 
-    protocol = get_protocol(args.protocol)
-    patches = [Patch.load(p) for p in args.patch]
+    spec = PROTOCOLS.get(args.protocol)
+    fields = config_overrides(args, spec.config_cls, f"the {spec.name} protocol")
+    PROTOCOLS.config(spec.name, None, None, fields)  # every config error before any loading
+    if args.batch_size < 1:
+        raise ErasekitError("--batch-size must be at least 1")
+    patches = load_patches(args)
     args.device = _init_distributed(args.device)
-    kwargs = {**_common(args, patches), **_ADAPTERS[protocol.name](args)}
     model = load(args.model, device=args.device, allow_pickle=args.allow_pickle)
-    metrics = protocol.run(model, args.out, **kwargs)
+    metrics = evaluate(model, spec.name, args.out, patches=patches, merge=args.merge,
+                       sampling=sampling_from(args, model), batch_size=args.batch_size, overwrite=args.overwrite,
+                       classifier=classifier_from(args), **fields)  # fmt: skip
     if metrics:
         print(_summary(metrics, args.out))
     return 0

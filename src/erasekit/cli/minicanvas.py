@@ -95,22 +95,25 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     import numpy as np
     import torch
 
     from erasekit.errors import ErasekitError
     from erasekit.minicanvas import load_classifier, load_pipeline
     from erasekit.minicanvas.data import render_set
-    from erasekit.minicanvas.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS, evaluate_grid, heldout_accuracy
+    from erasekit.minicanvas.quality import default_sampling, evaluate_grid, heldout_accuracy
 
     if args.seeds < 1 or args.heldout_per_cell < 1:
         raise ErasekitError("--seeds and --heldout-per-cell must be >= 1")
     torch.set_num_threads(2)
-    steps = args.steps or DEFAULT_STEPS
-    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    sampling = replace(default_sampling(), **{k: v for k, v in (("steps", args.steps), ("guidance", args.guidance))
+                                              if v is not None})  # fmt: skip
+    steps, guidance = sampling.steps, sampling.guidance
     classifier = load_classifier()
     heldout = heldout_accuracy(classifier, render_set(args.heldout_per_cell, np.random.default_rng(12345)))
-    grid = evaluate_grid(load_pipeline(), classifier, seeds=args.seeds, steps=steps, guidance=guidance)
+    grid = evaluate_grid(load_pipeline(), classifier, seeds=args.seeds, sampling=sampling)
     report = {
         "classifier_heldout": heldout,
         "base_grid": {"object_accuracy": grid.object_accuracy, "style_accuracy": grid.style_accuracy},

@@ -9,14 +9,14 @@ from typing import Any
 
 from erasekit.cli.options import add_out_arg
 
-FAMILY_CHOICES = ("sd15", "sd2", "sdxl", "sd3", "flux")
-
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from erasekit.models.tiny import buildable_families
+
     p = sub.add_parser(
         "tiny-model", help="write a diffusers folder with seeded random weights (tiny or full size)"
     )
-    p.add_argument("--family", required=True, choices=FAMILY_CHOICES, help="model family")
+    p.add_argument("--family", required=True, choices=buildable_families(), help="model family")
     p.add_argument(
         "--size",
         choices=("tiny", "full"),

@@ -42,7 +42,7 @@ def _patches(paths: list[str]) -> list:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    from erasekit.exchange import save_patched_model
+    from erasekit.export import save_patched_model
     from erasekit.io import check_output_dir
     from erasekit.models.loading import load
 
@@ -55,12 +55,13 @@ def run_apply(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from erasekit.exchange import combine, export_component
+    from erasekit.export import export_component
     from erasekit.io import check_output_dir
     from erasekit.models.loading import load
+    from erasekit.patch import Patch
 
     check_output_dir(args.out, args.overwrite)
-    patch = combine(_patches(args.patch), args.merge)
+    patch = Patch.compose(_patches(args.patch), args.merge)
     model = load(args.model, device=args.device, components=(args.component,), allow_pickle=args.allow_pickle)
     export_component(model, patch, args.component, args.out, args.overwrite)
     print(f"exported patched {args.component} -> {args.out}")
@@ -68,7 +69,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from erasekit.exchange import import_component
+    from erasekit.export import import_component
     from erasekit.io import check_output_dir
     from erasekit.models.loading import load
 

@@ -62,6 +62,19 @@ class ImageClassifier:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     source: str = ""
 
+    @property
+    def device(self) -> torch.device:
+        """Where the module's weights are (inputs are moved there)."""
+        return next(self.module.parameters()).device
+
+    def head_of(self, concept: str) -> str:
+        """``"style"`` or ``"object"``: the head that has class ``concept``, or a one-line error."""
+        if concept in self.style_names:
+            return "style"
+        if concept in self.object_names:
+            return "object"
+        raise ErasekitError(f"the classifier ({self.source}) has no object or style class {concept!r}")
+
     def to_input(self, images: Sequence[Any]) -> torch.Tensor:
         """PIL images -> float ``[N, 3, S, S]``, resized (bicubic) and normalised."""
         from PIL import Image
@@ -85,8 +98,11 @@ class ImageClassifier:
         """Predicted ``(object names, style names)`` of PIL images."""
         objects: list[str] = []
         styles: list[str] = []
+        device = self.device
         for i in range(0, len(images), batch_size):
-            obj_logits, style_logits = self.module.predict(self.to_input(images[i : i + batch_size]))
+            obj_logits, style_logits = self.module.predict(
+                self.to_input(images[i : i + batch_size]).to(device)
+            )
             objects += [self.object_names[k] for k in obj_logits.argmax(-1).tolist()]
             styles += [self.style_names[k] for k in style_logits.argmax(-1).tolist()]
         return objects, styles
@@ -94,7 +110,7 @@ class ImageClassifier:
     @torch.no_grad()
     def features(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
         """Penultimate features ``[N, D]`` (float64), e.g. for FID."""
-        device = next(self.module.parameters()).device
+        device = self.device
         chunks = [
             self.module.features(self.to_input(images[i : i + batch_size]).to(device)).cpu()
             for i in range(0, len(images), batch_size)
@@ -114,6 +130,11 @@ def builtin_classifier(device: str | torch.device = "cpu") -> ImageClassifier:
         image_size=32,
         source="minicanvas",
     )
+
+
+def load_classifier(folder: str | Path | None = None, device: str | torch.device = "cpu") -> ImageClassifier:
+    """The classifier a run scores with: the folder's (:func:`load_classifier_folder`), or the built-in one."""
+    return builtin_classifier(device) if folder is None else load_classifier_folder(folder, device)
 
 
 # ---- user checkpoints ------------------------------------------------------------------------------------

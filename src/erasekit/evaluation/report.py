@@ -73,11 +73,7 @@ def write_report(runs: Sequence[str | Path], out: str | Path, title: str = "eras
     body = [f"<h1>{html.escape(title)}</h1>", _runs_table(loaded, labels), _metrics_table(loaded, labels)]
     body += [_chart(loaded, labels), *_image_sections(loaded, labels), *_matrices(loaded, labels)]
     body.append(_records(loaded, labels))
-    page = (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{CSS}</style></head><body>{''.join(b for b in body if b)}</body></html>\n"
-    )
-    atomic_write_text(out, page)
+    atomic_write_text(out, html_page(title, body))
     return out
 
 
@@ -99,7 +95,7 @@ def _get(metrics: dict[str, Any], path: tuple[str, ...]) -> Any:
     return metrics if isinstance(metrics, (int, float)) and not isinstance(metrics, bool) else None
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f'<th class="{"l" if i == 0 else ""}">{h}</th>' for i, h in enumerate(header))
     body = "".join("<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{c}</td>' for i, c in enumerate(r))
                    + "</tr>" for r in rows)  # fmt: skip
@@ -120,7 +116,7 @@ def _runs_table(runs: list[dict[str, Any]], labels: list[str]) -> str:
         )])  # fmt: skip
     header = ["run", "protocol", "target", "model", "seeds", "steps", "guidance", "scheduler", "images", "seconds",
               "commit"]  # fmt: skip
-    return "<h2>Runs</h2>" + _table(header, rows)
+    return "<h2>Runs</h2>" + html_table(header, rows)
 
 
 def _metrics_table(runs: list[dict[str, Any]], labels: list[str]) -> str:
@@ -130,7 +126,7 @@ def _metrics_table(runs: list[dict[str, Any]], labels: list[str]) -> str:
         if any(v is not None for v in values):
             rows.append([html.escape(name)] + ["" if v is None else f"{v:.4g}" for v in values])
     note = "<p>Percent metrics are 0-100. UA/IRA/CRA follow UnlearnCanvas (see docs/evaluation.md).</p>"
-    return "<h2>Metrics</h2>" + note + _table(["metric", *map(html.escape, labels)], rows)
+    return "<h2>Metrics</h2>" + note + html_table(["metric", *map(html.escape, labels)], rows)
 
 
 def _chart(runs: list[dict[str, Any]], labels: list[str]) -> str:
@@ -160,11 +156,11 @@ def _chart(runs: list[dict[str, Any]], labels: list[str]) -> str:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return (
-        f'<h2>Comparison</h2><img class="chart" alt="bar chart of metrics" src="{_data_uri(buf.getvalue())}">'
+        f'<h2>Comparison</h2><img class="chart" alt="bar chart of metrics" src="{data_uri(buf.getvalue())}">'
     )
 
 
-def _data_uri(png: bytes) -> str:
+def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
@@ -184,21 +180,39 @@ def _protocol_images(runs: list[dict[str, Any]], labels: list[str], prefix: str)
     target = next((r["metrics"].get("target") for r in runs if r["metrics"].get("target")), None)
     entries = [e for e in runs[0]["manifest"] if e.get("meta", {}).get("set", "grid") in ("grid", "prompts")]
     if target is None:
-        return [_grid(f"{prefix}Images", _spread(entries), runs, labels)]
+        return [_grid(f"{prefix}Images", spread(entries), runs, labels)]
     hit = [e for e in entries if target in (e["meta"].get("object"), e["meta"].get("style"))]
     kept = [e for e in entries if e not in hit]
     return [
-        _grid(f"{prefix}Target: {target}", _spread(hit), runs, labels),
-        _grid(f"{prefix}Retained concepts", _spread(kept), runs, labels),
+        _grid(f"{prefix}Target: {target}", spread(hit), runs, labels),
+        _grid(f"{prefix}Retained concepts", spread(kept), runs, labels),
     ]
 
 
-def _spread(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Up to GRID_ROWS entries spread evenly over the list (so several concepts show)."""
-    if len(entries) <= GRID_ROWS:
+def spread(entries: list[Any], n: int = GRID_ROWS) -> list[Any]:
+    """Up to ``n`` entries spread evenly over the list (so several concepts show)."""
+    if len(entries) <= n:
         return entries
-    step = len(entries) / GRID_ROWS
-    return [entries[int(i * step)] for i in range(GRID_ROWS)]
+    step = len(entries) / n
+    return [entries[int(i * step)] for i in range(n)]
+
+
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def html_page(title: str, body: Sequence[str]) -> str:
+    """A self-contained HTML page with the report's style."""
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{CSS}</style></head><body>{''.join(b for b in body if b)}</body></html>\n")  # fmt: skip
 
 
 def _grid(title: str, entries: list[dict[str, Any]], runs: list[dict[str, Any]], labels: list[str]) -> str:
@@ -211,13 +225,13 @@ def _grid(title: str, entries: list[dict[str, Any]], runs: list[dict[str, Any]],
         for run, index in zip(runs, by_run):
             found = index.get(e["key"])
             path = run["path"] / found["file"] if found else None
-            cells.append(_img(path) if path and path.is_file() else "")
+            cells.append(img_tag(path) if path and path.is_file() else "")
         rows.append(cells)
-    return f"<h2>{html.escape(title)}</h2>" + _table(["prompt", *map(html.escape, labels)], rows)
+    return f"<h2>{html.escape(title)}</h2>" + html_table(["prompt", *map(html.escape, labels)], rows)
 
 
-def _img(path: Path) -> str:
-    return f'<img class="g" alt="{html.escape(path.stem)}" src="{_data_uri(path.read_bytes())}">'
+def img_tag(path: Path) -> str:
+    return f'<img class="g" alt="{html.escape(path.stem)}" src="{data_uri(path.read_bytes())}">'
 
 
 def _matrices(runs: list[dict[str, Any]], labels: list[str]) -> list[str]:
@@ -233,7 +247,7 @@ def _matrices(runs: list[dict[str, Any]], labels: list[str]) -> list[str]:
                 for o, vals in zip(m["objects"], m[f"{kind}_accuracy"])
             ]
             out.append(f"<h2>{kind.title()} accuracy per cell: {html.escape(label)}</h2>"
-                       + _table(["object \\ style", *map(html.escape, m["styles"])], rows))  # fmt: skip
+                       + html_table(["object \\ style", *map(html.escape, m["styles"])], rows))  # fmt: skip
     return out
 
 

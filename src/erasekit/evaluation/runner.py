@@ -3,11 +3,8 @@
 Images go to ``OUT/images/<key>.png`` (each written atomically) and one JSON line per finished image to a
 manifest. A restarted run skips every image that is already in the manifest and on disk.
 
-Determinism: each image gets its own CPU ``torch.Generator`` seeded with its seed, passed to the pipeline's own
-``__call__`` as ``generator=[...]``; diffusers draws each image's initial noise from its own generator, so an image
-does not depend on the batch it lands in (batched float arithmetic may differ in the last bit, which PNG's 8-bit
-rounding absorbs almost always; see docs/evaluation.md). Noise is drawn on the CPU, so it is the same on every
-device. A pipeline's safety checker is switched off while generating: the evaluation measures the model.
+Images are made by :func:`erasekit.generation.render`, the one generation path (its docstring says what an
+image depends on); this module adds the job list, the PNG files, the manifest, resuming and sharding.
 
 Sharding: when ``torch.distributed`` is initialised (``torchrun``, ``accelerate launch``), rank ``r`` of ``w``
 takes jobs ``r, r + w, r + 2w, ...`` of the full list, writes ``manifest.part-<r>.jsonl``, and rank 0 merges the
@@ -16,18 +13,15 @@ parts into ``manifest.jsonl`` in job order, exactly as a single process would wr
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from erasekit.errors import ErasekitError
+from erasekit.generation import Request, Sampling, png_bytes, render, to_uint8
 from erasekit.io import atomic_write_bytes, atomic_write_text
 from erasekit.progress import track
 
@@ -52,34 +46,6 @@ class Job:
     seed: int
     guidance: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Sampling:
-    """How images are sampled (saved in the run record).
-
-    Attributes:
-        steps: denoising steps.
-        guidance: classifier-free guidance scale, unless a job has its own.
-        height: image height in pixels, or ``None`` for the pipeline's default.
-        width: image width in pixels, or ``None`` for the pipeline's default.
-        negative_prompt: the negative prompt, or ``None``.
-        scheduler: a diffusers scheduler class name to sample with (built from the model's scheduler config),
-            or ``None`` to keep the model's own.
-    """
-
-    steps: int = 50
-    guidance: float = 7.5
-    height: int | None = None
-    width: int | None = None
-    negative_prompt: str | None = None
-    scheduler: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ErasekitError(f"steps must be at least 1, not {self.steps}")
-        if self.guidance < 0:
-            raise ErasekitError(f"guidance must be non-negative, not {self.guidance}")
 
 
 def grid(prompts: Sequence[tuple[str, str, dict[str, Any]]], seeds: Sequence[int]) -> list[Job]:
@@ -126,8 +92,7 @@ def generate(
     rank, world = shard()
     done = {e["key"] for e in read_manifest(out) if (out / e["file"]).is_file()}
     mine = [j for j in jobs[rank::world] if j.key not in done]
-    with _scheduler(pipeline, sampling.scheduler), _no_safety_checker(pipeline):
-        _run_batches(pipeline, mine, out, sampling, batch_size, out / f"manifest.part-{rank}.jsonl")
+    _run_batches(pipeline, mine, out, sampling, batch_size, out / f"manifest.part-{rank}.jsonl")
     barrier(world)
     if rank == 0:
         merge_manifests(out, keys)
@@ -139,47 +104,16 @@ def generate(
 def _run_batches(
     pipeline: Any, jobs: list[Job], out: Path, sampling: Sampling, batch_size: int, part: Path
 ) -> None:
+    """Render the jobs a batch at a time; each batch's PNGs are written before its manifest lines."""
     if not jobs:
         return
-    pipeline.set_progress_bar_config(disable=True)
-    batches = list(_batches(jobs, batch_size))
-    for batch in track(batches, desc="generating", total=len(batches), unit="batch"):
-        images = _call(pipeline, batch, sampling)
-        for job, image in zip(batch, images):
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            atomic_write_bytes(out / IMAGES / f"{job.key}.png", buf.getvalue())
-        _append_lines(part, [_entry(job, sampling) for job in batch])
-
-
-def _batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
-    """Consecutive runs of at most ``size`` jobs sharing one guidance scale."""
-    batch: list[Job] = []
-    for job in jobs:
-        if batch and (len(batch) == size or job.guidance != batch[0].guidance):
-            yield batch
-            batch = []
-        batch.append(job)
-    if batch:
-        yield batch
-
-
-def _call(pipeline: Any, batch: list[Job], sampling: Sampling) -> list[Any]:
-    kwargs: dict[str, Any] = {
-        "prompt": [j.prompt for j in batch],
-        "generator": [torch.Generator("cpu").manual_seed(j.seed) for j in batch],
-        "num_inference_steps": sampling.steps,
-        "guidance_scale": batch[0].guidance if batch[0].guidance is not None else sampling.guidance,
-        "output_type": "pil",
-    }
-    if sampling.height is not None:
-        kwargs["height"] = sampling.height
-    if sampling.width is not None:
-        kwargs["width"] = sampling.width
-    if sampling.negative_prompt is not None:
-        kwargs["negative_prompt"] = [sampling.negative_prompt] * len(batch)
-    with torch.no_grad():
-        return list(pipeline(**kwargs).images)
+    chunks = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    for chunk in track(chunks, desc="generating", total=len(chunks), unit="batch"):
+        requests = [Request(seed=j.seed, prompt=j.prompt, guidance=j.guidance) for j in chunk]
+        images = render(pipeline, requests, sampling, batch_size=batch_size, desc=None)
+        for job, image in zip(chunk, images):
+            atomic_write_bytes(out / IMAGES / f"{job.key}.png", png_bytes(to_uint8(image)))
+        _append_lines(part, [_entry(job, sampling) for job in chunk])
 
 
 def _entry(job: Job, sampling: Sampling) -> dict[str, Any]:
@@ -187,47 +121,6 @@ def _entry(job: Job, sampling: Sampling) -> dict[str, Any]:
     entry["guidance"] = job.guidance if job.guidance is not None else sampling.guidance
     entry["file"] = f"{IMAGES}/{job.key}.png"
     return entry
-
-
-@contextlib.contextmanager
-def _scheduler(pipeline: Any, name: str | None) -> Iterator[None]:
-    """Swap in the scheduler class ``name`` (built from the model's scheduler config); put the model's back after."""
-    if name is None:
-        yield
-        return
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if cls is None or not hasattr(cls, "from_config"):
-        raise ErasekitError(f"diffusers has no scheduler class {name!r}")
-    saved = pipeline.scheduler
-    pipeline.scheduler = cls.from_config(saved.config)
-    try:
-        yield
-    finally:
-        pipeline.scheduler = saved
-
-
-@contextlib.contextmanager
-def _no_safety_checker(pipeline: Any) -> Iterator[None]:
-    """Evaluate the model, not its output filter: SD's safety checker (which blacks out images it flags) is
-    switched off during generation and put back afterwards."""
-    checker = getattr(pipeline, "safety_checker", None)
-    if checker is None:
-        yield
-        return
-    pipeline.safety_checker = None
-    try:
-        yield
-    finally:
-        pipeline.safety_checker = checker
-
-
-def scheduler_info(pipeline: Any, name: str | None) -> dict[str, Any]:
-    """The class name and config of the scheduler a run samples with (for the run record)."""
-    with _scheduler(pipeline, name):
-        sched = pipeline.scheduler
-        return {"class": type(sched).__name__, "config": {k: v for k, v in dict(sched.config).items()}}
 
 
 # ---- the manifest ----------------------------------------------------------------------------------------

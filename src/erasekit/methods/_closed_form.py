@@ -16,17 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from erasekit.methods._common import attn2_linears, check_choice
+from erasekit.denoising import encode_prompts
+from erasekit.methods.common import attn2_linears, check_choice
 from erasekit.patch import Patch
-from erasekit.sampling import encode_prompts
 
-FAMILIES = ("sd15", "sd2", "sdxl")
 PROJECTIONS = ("to_k", "to_v")
 
 
 def check_family(model: Any, method: str) -> Any:
     """The pipeline of ``model``, or an error when ``method`` does not support its family."""
-    return model.require_family(FAMILIES, f"{method} edits a UNet's cross-attention and")
+    return model.require_capability("cross_attention_edit", method)
 
 
 def check_projections(projections: Sequence[str]) -> None:
@@ -97,7 +96,5 @@ def ridge_edit(
 
 def weight_patch(model: Any, layers: dict[str, nn.Linear], new: dict[str, torch.Tensor]) -> Patch:
     """A UNet patch from new float64 weights ``{module name: [out, D]}`` of ``layers``."""
-    from erasekit.methods._common import patch_from_values
-
     values = {f"{n}.weight": new[n].to(layers[n].weight.dtype) for n in new}
-    return patch_from_values(model, "unet", values)
+    return Patch.from_tensors(model, "unet", values)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from erasekit.errors import ErasekitError
-from erasekit.methods._common import drop_unchanged
+from erasekit.methods.common import drop_unchanged
 from erasekit.methods.hirm import HirmConfig, erase_hirm
 from erasekit.methods.hirm.config import presets as hirm_presets
 from erasekit.models.families import num_blocks

@@ -2,10 +2,10 @@
 
 Objective: min_θ E[ℓ_ESD(θ; c ⊕ δ*)] + γ ℓ_retain, trained on the text encoder θ with the UNet frozen.
 
-- x_t is drawn by partial DDIM from the frozen model (:func:`erasekit.sampling.sample_until`).
+- x_t is drawn by partial DDIM from the frozen model (:func:`erasekit.denoising.sample_until`).
 - δ* is ``attack_tokens`` prefix-token input embeddings, found by ``attack_steps`` of signed-gradient PGD
   (step ``attack_lr``) that make the current model's ε(x_t, c ⊕ δ) match the frozen model's ε*(x_t, c).
-  It is inserted through a removable hook on the token embedding (:func:`erasekit.sampling.prefix_embeddings`).
+  It is inserted through a removable hook on the token embedding (:func:`erasekit.denoising.prefix_embeddings`).
 - ℓ_ESD = ‖ε(x_t, E_θ(c ⊕ δ*)) − [ε*(x_t, c) − η (ε*(x_t, c) − ε*(x_t, ∅))]‖².
 - ℓ_retain = ‖ε(x_t, E_θ(r)) − ε(x_t, E*(r))‖² over ``retain_batch`` prompts "a photo of {object}" per step.
 
@@ -21,20 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from erasekit.methods._common import (
-    block_params,
-    check_choice,
-    check_positive,
-    frozen,
-    generator,
-    patch_from_values,
-    trained_in_place,
-)
-from erasekit.models.families import num_blocks
-from erasekit.patch import Patch
-from erasekit.progress import track
-from erasekit.registry import register
-from erasekit.sampling import (
+from erasekit.denoising import (
     check_unet_family,
     encode_prompts,
     predict_noise,
@@ -42,6 +29,18 @@ from erasekit.sampling import (
     sample_until,
     with_prefix,
 )
+from erasekit.methods.common import (
+    block_params,
+    check_choice,
+    check_positive,
+    frozen,
+    generator,
+    trained_in_place,
+)
+from erasekit.models.families import num_blocks
+from erasekit.patch import Patch
+from erasekit.progress import track
+from erasekit.registry import register
 
 TRAINABLE = ("full", "all-blocks", "block-0")
 RETAIN_OBJECTS = (
@@ -177,7 +176,7 @@ def erase_advunlearn(model: Any, concepts: list[str], config: AdvUnlearnConfig) 
     with frozen(pipe.unet), trained_in_place(pipe.text_encoder, names) as params:
         train(pipe, concepts, config, params)
         new = {n: p.detach().clone() for n, p in params.items()}
-    return patch_from_values(model, "text_encoder", new)
+    return Patch.from_tensors(model, "text_encoder", new)
 
 
 register(

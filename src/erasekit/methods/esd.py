@@ -1,11 +1,11 @@
 """ESD: Erased Stable Diffusion (Gandikota et al., ICCV 2023), fine-tuning the UNet with negative guidance.
 
-Each iteration draws x_t by partial DDIM from the frozen model (:func:`erasekit.sampling.sample_until`) and
+Each iteration draws x_t by partial DDIM from the frozen model (:func:`erasekit.denoising.sample_until`) and
 regresses the trainable UNet's ε(x_t, c, t) onto ``ε*(x_t, c_from, t) − η (ε*(x_t, c, t) − ε*(x_t, ∅, t))``,
 where ε* is the frozen model. Training runs on copies of the selected parameters through
 ``torch.func.functional_call``; the loaded model is never modified.
 
-Parameter sets (by module path component and type, see :mod:`erasekit.methods._common`):
+Parameter sets (by module path component and type, see :mod:`erasekit.methods.common`):
 
 - ``attn2`` (esd-x): every ``nn.Linear`` under a module path component ``attn2`` (to_q, to_k, to_v, to_out.0);
 - ``attn2-kv`` (esd-x ``strict`` preset): only the ``to_k`` and ``to_v`` Linears of ``attn2``;
@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from erasekit.methods._common import (
+from erasekit.denoising import check_unet_family, encode_prompts, predict_noise, sample_until
+from erasekit.methods.common import (
     attn2_linears,
     check_choice,
     check_positive,
@@ -29,13 +30,11 @@ from erasekit.methods._common import (
     generator,
     module_params,
     non_attn2_layers,
-    patch_from_values,
     trainable_copies,
 )
 from erasekit.patch import Patch
 from erasekit.progress import track
 from erasekit.registry import register
-from erasekit.sampling import check_unet_family, encode_prompts, predict_noise, sample_until
 
 PARAMETER_SETS = ("attn2", "attn2-kv", "non-attn2")
 
@@ -139,7 +138,7 @@ def erase_esd(model: Any, concepts: list[str], config: ESDConfig) -> Patch:
     with frozen(pipe.unet, pipe.text_encoder):
         params = trainable_copies(pipe.unet, parameter_names(pipe.unet, config.parameters))
         train(pipe, concepts, config, params)
-    return patch_from_values(model, "unet", {n: p.detach() for n, p in params.items()})
+    return Patch.from_tensors(model, "unet", {n: p.detach() for n, p in params.items()})
 
 
 _LEGACY = {"iterations": 1000, "lr": 1e-5, "negative_guidance": 1.0}

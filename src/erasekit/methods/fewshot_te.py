@@ -23,13 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from erasekit.denoising import check_unet_family, encode_prompts, noised
 from erasekit.errors import ErasekitError
-from erasekit.methods._common import check_positive, frozen, generator, patch_from_values, trained_in_place
+from erasekit.methods.common import check_positive, frozen, generator, trained_in_place
 from erasekit.models.families import block_linear_names, num_blocks
 from erasekit.patch import Patch
 from erasekit.progress import track
 from erasekit.registry import register
-from erasekit.sampling import check_unet_family, encode_prompts, noised
 
 ImageSource = Callable[[str, int, int], Sequence[np.ndarray]]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -167,7 +167,7 @@ def erase_fewshot_te(
     ):
         train(pipe, data, config, params)
         new = {n: p.detach().clone() for n, p in params.items()}
-    return patch_from_values(model, "text_encoder", new, method="fewshot-te", concepts=tuple(concepts))
+    return Patch.from_tensors(model, "text_encoder", new, method="fewshot-te", concepts=tuple(concepts))
 
 
 register(

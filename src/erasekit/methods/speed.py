@@ -32,7 +32,7 @@ from erasekit.methods._closed_form import (
     weight_patch,
     weights64,
 )
-from erasekit.methods._common import check_positive, generator
+from erasekit.methods.common import check_positive, generator
 from erasekit.patch import Patch
 from erasekit.registry import register
 

@@ -25,7 +25,7 @@ from erasekit.methods._closed_form import (
     weight_patch,
     weights64,
 )
-from erasekit.methods._common import check_positive
+from erasekit.methods.common import check_positive
 from erasekit.patch import Patch
 from erasekit.registry import register
 

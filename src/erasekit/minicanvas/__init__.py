@@ -13,10 +13,9 @@ Importing this package is light (no torch); the heavy parts load on first use::
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any
 
-from erasekit.errors import ErasekitError
+from erasekit.minicanvas.paths import weights_dir, weights_root
 from erasekit.minicanvas.world import (
     FULL_TEMPLATES,
     OBJECT_NAMES,
@@ -39,13 +38,10 @@ _LAZY = {
     "read_classifier": "erasekit.minicanvas.classifier",
     "TrainConfig": "erasekit.minicanvas.train",
     "train_minicanvas": "erasekit.minicanvas.build",
-    "generate": "erasekit.minicanvas.evaluate",
-    "classify": "erasekit.minicanvas.evaluate",
-    "evaluate_grid": "erasekit.minicanvas.evaluate",
-    "grid_cells": "erasekit.minicanvas.evaluate",
-    "GridResult": "erasekit.minicanvas.evaluate",
-    "DEFAULT_STEPS": "erasekit.minicanvas.evaluate",
-    "DEFAULT_GUIDANCE": "erasekit.minicanvas.evaluate",
+    "classify": "erasekit.minicanvas.quality",
+    "evaluate_grid": "erasekit.minicanvas.quality",
+    "grid_cells": "erasekit.minicanvas.quality",
+    "GridResult": "erasekit.minicanvas.quality",
 }
 
 __all__ = [
@@ -74,22 +70,6 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def weights_root() -> Path:
-    """The shipped weights folder: ``pipeline/``, the classifier, ``training.json`` and ``MODEL_CARD.md``."""
-    return Path(__file__).resolve().parent / "weights"
-
-
-def weights_dir() -> Path:
-    """The shipped diffusers folder, loadable with ``StableDiffusionPipeline.from_pretrained``."""
-    path = weights_root() / "pipeline"
-    if not (path / "model_index.json").is_file():
-        raise ErasekitError(
-            f"the MiniCanvas weights are missing ({path}); rebuild them with "
-            "`erasekit minicanvas train --out DIR` and copy DIR into src/erasekit/minicanvas/weights"
-        )
-    return path
 
 
 def load_classifier(device: str = "cpu") -> Any:

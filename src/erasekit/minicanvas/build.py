@@ -19,6 +19,7 @@ import torch
 from erasekit.errors import ErasekitError
 from erasekit.io import atomic_write_json
 from erasekit.minicanvas.train import Log, TrainConfig
+from erasekit.models.families import FOLDER_CONFIG
 
 PIPELINE_DIR = "pipeline"
 TRAINING_FILE = "training.json"
@@ -84,8 +85,8 @@ def train_minicanvas(
     """
     from erasekit.minicanvas.data import render_set
     from erasekit.minicanvas.diffusion import encode_captions, plan_captions, train_unet
-    from erasekit.minicanvas.evaluate import evaluate_grid, heldout_accuracy, retrieval_accuracy
     from erasekit.minicanvas.models import round_to_fp16_
+    from erasekit.minicanvas.quality import evaluate_grid, heldout_accuracy, retrieval_accuracy
     from erasekit.minicanvas.train import encode_latents, reconstruct, train_classifier, train_clip, train_vae
     from erasekit.models.tokenizer import clip_tokenizer
 
@@ -176,7 +177,7 @@ def rebuild_classifier(folder: str | Path, cfg: TrainConfig, log: Log = lambda _
     from diffusers import AutoencoderKL
 
     from erasekit.minicanvas.data import render_set
-    from erasekit.minicanvas.evaluate import heldout_accuracy
+    from erasekit.minicanvas.quality import heldout_accuracy
     from erasekit.minicanvas.train import encode_latents, reconstruct, train_classifier
     from erasekit.models.loading import diffusers_dtype
 
@@ -214,4 +215,6 @@ def _save(out: Path, pipe: Any, classifier: Any) -> None:
         pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)
     finally:
         pipe.to(torch.float32)
+    # The folder's own config names the family, so a retrained MiniCanvas samples at the world's protocol.
+    atomic_write_json(out / PIPELINE_DIR / FOLDER_CONFIG, {"family": "minicanvas"})
     classifier.save(out)

@@ -28,6 +28,12 @@ class Family:
         tokenizers: the tokenizer paired with each CLIP encoder.
         other_encoders: non-CLIP text encoders (T5), never edited by text-encoder methods.
         denoiser: the UNet or transformer component.
+        steps: default denoising steps (the pipeline's own default, or the world's protocol for MiniCanvas).
+        guidance: default classifier-free guidance scale.
+        unet_training: the UNet takes ``(sample, timestep, encoder_hidden_states)`` alone, so the small DDIM
+            sampler of :mod:`erasekit.denoising` can train through it (ESD, AdvUnlearn, attacks' latents).
+        cross_attention_edit: the UNet's cross-attention reads the CLIP rows directly, so the closed-form
+            editors (UCE, RECE, SPEED, MACE) apply.
     """
 
     name: str
@@ -37,6 +43,10 @@ class Family:
     tokenizers: tuple[str, ...]
     other_encoders: tuple[str, ...] = ()
     denoiser: str = "unet"
+    steps: int = 50
+    guidance: float = 7.5
+    unet_training: bool = False
+    cross_attention_edit: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -48,6 +58,8 @@ FAMILIES: dict[str, Family] = {
             pipeline_class="StableDiffusionPipeline",
             clip_encoders=("text_encoder",),
             tokenizers=("tokenizer",),
+            unet_training=True,
+            cross_attention_edit=True,
         ),
         Family(
             name="sd2",
@@ -55,6 +67,8 @@ FAMILIES: dict[str, Family] = {
             pipeline_class="StableDiffusionPipeline",
             clip_encoders=("text_encoder",),
             tokenizers=("tokenizer",),
+            unet_training=True,
+            cross_attention_edit=True,
         ),
         Family(
             name="sdxl",
@@ -62,6 +76,8 @@ FAMILIES: dict[str, Family] = {
             pipeline_class="StableDiffusionXLPipeline",
             clip_encoders=("text_encoder", "text_encoder_2"),
             tokenizers=("tokenizer", "tokenizer_2"),
+            guidance=5.0,
+            cross_attention_edit=True,
         ),
         Family(
             name="sd3",
@@ -71,6 +87,8 @@ FAMILIES: dict[str, Family] = {
             tokenizers=("tokenizer", "tokenizer_2"),
             other_encoders=("text_encoder_3",),
             denoiser="transformer",
+            steps=28,
+            guidance=7.0,
         ),
         Family(
             name="flux",
@@ -80,8 +98,30 @@ FAMILIES: dict[str, Family] = {
             tokenizers=("tokenizer",),
             other_encoders=("text_encoder_2",),
             denoiser="transformer",
+            steps=28,
+            guidance=3.5,
+        ),
+        # The SD1.x architecture at MiniCanvas size; named by the folder's own erasekit.json (see
+        # :func:`detect_family`). Its steps and guidance are the world's protocol (docs/minicanvas.md).
+        Family(
+            name="minicanvas",
+            label="MiniCanvas (SD1.x architecture)",
+            pipeline_class="StableDiffusionPipeline",
+            clip_encoders=("text_encoder",),
+            tokenizers=("tokenizer",),
+            steps=25,
+            guidance=5.0,
+            unet_training=True,
+            cross_attention_edit=True,
         ),
     )
+}
+
+#: The model folder's own erasekit settings: ``{"family": name}`` and/or ``{"sampling": {"steps", "guidance"}}``.
+FOLDER_CONFIG = "erasekit.json"
+CAPABILITIES = {
+    "unet_training": "trains through the UNet with the DDIM sampler",
+    "cross_attention_edit": "edits the UNet's cross-attention in closed form",
 }
 
 _BY_PIPELINE = {
@@ -98,12 +138,30 @@ def get_family(name: str) -> Family:
         raise ErasekitError(f"unknown family {name!r}; choose one of {', '.join(FAMILIES)}") from None
 
 
-def detect_family(pipeline_class: str | None, text_encoder_config: dict[str, Any] | None) -> Family:
-    """Infer the family from ``model_index.json``'s class name and the first text encoder's config.
+def with_capability(capability: str) -> tuple[str, ...]:
+    """The names of the families that have ``capability`` (a boolean field of :class:`Family`)."""
+    return tuple(f.name for f in FAMILIES.values() if getattr(f, capability))
 
-    SD1.x and SD2.x share a pipeline class; SD2's OpenCLIP-H encoder is 1024 wide with GELU, SD1's CLIP-L
-    uses quick-GELU, which tells them apart at every size.
+
+def detect_family(
+    pipeline_class: str | None,
+    text_encoder_config: dict[str, Any] | None,
+    folder_config: dict[str, Any] | None = None,
+) -> Family:
+    """Infer the family from the folder's own config, ``model_index.json``'s class name and the text encoder.
+
+    A folder config naming a family wins (MiniCanvas folders name ``minicanvas``), provided its pipeline class
+    agrees. SD1.x and SD2.x share a pipeline class; SD2's OpenCLIP-H encoder is 1024 wide with GELU, SD1's
+    CLIP-L uses quick-GELU, which tells them apart at every size.
     """
+    named = (folder_config or {}).get("family")
+    if named is not None:
+        family = get_family(str(named))
+        if pipeline_class not in (None, family.pipeline_class):
+            raise ErasekitError(
+                f"{FOLDER_CONFIG} names family {named!r}, but model_index.json holds a {pipeline_class}"
+            )
+        return family
     if pipeline_class in _BY_PIPELINE:
         return FAMILIES[_BY_PIPELINE[pipeline_class]]
     if pipeline_class not in (None, "StableDiffusionPipeline"):

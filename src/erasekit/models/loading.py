@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from erasekit.errors import ErasekitError
-from erasekit.models.families import Family, detect_family
+from erasekit.models.families import CAPABILITIES, FOLDER_CONFIG, Family, detect_family, with_capability
 
 MINICANVAS = "minicanvas"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -40,6 +40,8 @@ class LoadedModel:
         family: the family table entry.
         components: ``{name: module | tokenizer | scheduler}``; a pipeline's ``components`` when complete.
         pipeline: the diffusers pipeline, or ``None`` for a text-encoder-only folder.
+        pipeline_class: the pipeline class ``model_index.json`` names.
+        folder_config: the folder's own ``erasekit.json`` (family, sampling defaults), ``{}`` when absent.
     """
 
     source: str
@@ -48,6 +50,18 @@ class LoadedModel:
     components: dict[str, Any]
     pipeline: Any | None = None
     pipeline_class: str | None = field(default=None)
+    folder_config: dict[str, Any] = field(default_factory=dict)
+
+    def default_sampling(self) -> Any:
+        """The :class:`~erasekit.generation.Sampling` this model is sampled with unless told otherwise: the
+        folder config's ``sampling`` where it has one, else the family's steps and guidance."""
+        from erasekit.generation import Sampling
+
+        own = dict(self.folder_config.get("sampling") or {})
+        unknown = sorted(set(own) - {"steps", "guidance", "scheduler", "height", "width"})
+        if unknown:
+            raise ErasekitError(f"{self.path / FOLDER_CONFIG}: unknown sampling key(s) {unknown}")
+        return Sampling(**{"steps": self.family.steps, "guidance": self.family.guidance, **own})
 
     def clip_encoders(self) -> list[tuple[str, Any, Any]]:
         """``[(component, encoder, tokenizer)]`` for every CLIP text encoder present."""
@@ -64,11 +78,14 @@ class LoadedModel:
         if missing:
             raise ErasekitError(f"{self.source} lacks component(s) {', '.join(missing)} needed here")
 
-    def require_family(self, families: tuple[str, ...], why: str) -> Any:
-        """The pipeline, or an error saying that ``why`` supports only ``families`` (not this model's)."""
+    def require_capability(self, capability: str, who: str) -> Any:
+        """The pipeline, or an error saying that ``who`` needs a family with ``capability`` (see the family table)."""
         pipe = self.require_pipeline()
-        if self.family.name not in families:
-            raise ErasekitError(f"{why} supports {', '.join(families)}, not {self.family.name}")
+        if not getattr(self.family, capability):
+            families = ", ".join(with_capability(capability))
+            raise ErasekitError(
+                f"{who} {CAPABILITIES[capability]}, which supports {families}, not {self.family.name}"
+            )
         return pipe
 
     def require_pipeline(self) -> Any:
@@ -97,29 +114,32 @@ def load(
     source = str(model)
     path = resolve_path(source, allow_pickle)
     index = _read_index(path)
+    folder_config = read_json(path / FOLDER_CONFIG) or {}
     present = _present_components(path, index)
     wanted = [c for c in present if components is None or c in components]
     if components is not None and (missing := sorted(set(components) - set(present))):
         raise ErasekitError(f"{source} has no component(s) {', '.join(missing)}")
     te_config = read_json(path / "text_encoder" / "config.json") if "text_encoder" in present else None
-    family = detect_family(index.get("_class_name") if index else None, te_config)
+    family = detect_family(index.get("_class_name") if index else None, te_config, folder_config)
     listed = [k for k, v in (index or {}).items() if not k.startswith("_") and isinstance(v, list) and v[0]]
     complete = bool(index) and components is None and set(listed) <= set(present)
     if complete:
         pipe = _load_pipeline(path, index["_class_name"], dtype, allow_pickle).to(device)
         comps = {k: v for k, v in pipe.components.items() if v is not None}
-        return LoadedModel(source, path, family, comps, pipe, index["_class_name"])
+        return LoadedModel(source, path, family, comps, pipe, index["_class_name"], folder_config)
     comps = {name: _load_component(path, name, index, dtype, allow_pickle) for name in wanted}
     for mod in comps.values():
         if isinstance(mod, torch.nn.Module):
             mod.to(device)
-    return LoadedModel(source, path, family, comps, None, index.get("_class_name") if index else None)
+    return LoadedModel(
+        source, path, family, comps, None, index.get("_class_name") if index else None, folder_config
+    )
 
 
 def resolve_path(source: str, allow_pickle: bool = False) -> Path:
     """The local folder for ``source``, downloading a Hub id to the cache if online."""
     if source == MINICANVAS:
-        from erasekit.minicanvas import weights_dir
+        from erasekit.minicanvas.paths import weights_dir
 
         return weights_dir()
     path = Path(source).expanduser()

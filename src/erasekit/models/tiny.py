@@ -96,6 +96,11 @@ def _family_table(family: str) -> dict[str, tuple[str, str, Config]]:
     return {**text, **denoiser, **common}
 
 
+def buildable_families() -> tuple[str, ...]:
+    """The families of the family table that have tiny/full random-weight builders here (MiniCanvas is trained)."""
+    return tuple(name for name in _DENOISERS)
+
+
 def component_names(family: str) -> list[str]:
     """Every component a ``family`` pipeline folder holds."""
     get_family(family)

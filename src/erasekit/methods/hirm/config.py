@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-CONCEPT_TYPES = ("style", "object", "nsfw")
+from erasekit.concepts import CONCEPT_TYPES
+
 TARGETS = ("random", "semantic")
 LOSS_POSITIONS = ("all", "no_bos", "content")
 MULTI_MODES = ("joint", "average")

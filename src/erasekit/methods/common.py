@@ -1,4 +1,4 @@
-"""Helpers shared by the baseline methods: selecting parameters by module path, freezing, and making patches.
+"""Helpers shared by methods and attacks: selecting parameters by module path, freezing, training in place.
 
 Parameter sets are chosen by whole dotted path components and module type, never by substrings: the
 module ``down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k`` is "in attn2" because one of its path
@@ -100,34 +100,6 @@ def trained_in_place(module: nn.Module, names: Sequence[str]) -> Iterator[dict[s
 def trainable_copies(module: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Detached copies of ``names`` with gradients on, to train through ``torch.func.functional_call``."""
     return {n: resolve_param(module, n).detach().clone().requires_grad_(True) for n in names}
-
-
-def patch_from_values(model: Any, component: str, new: dict[str, torch.Tensor], **meta: Any) -> Patch:
-    """A Patch holding those of ``new`` that differ from the model's current tensors.
-
-    The new values are written into the live model only for :meth:`Patch.from_modules` to read them, and the
-    originals are restored before returning.
-
-    Args:
-        model: the :class:`~erasekit.LoadedModel`.
-        component: ``"unet"`` or ``"text_encoder"``.
-        new: ``{param name: tensor}`` of the same shapes as the model's.
-    """
-    module = model.components[component]
-    live = {n: resolve_param(module, n) for n in new}
-    changed = [n for n in new if not torch.equal(new[n].to(live[n].dtype), live[n].detach())]
-    base = {f"{component}/{n}": live[n].detach().clone() for n in changed}
-    try:
-        with torch.no_grad():
-            for n in changed:
-                live[n].copy_(new[n])
-        return Patch.from_modules(
-            model.components, {component: changed}, base, method=meta.pop("method", ""), **meta
-        )
-    finally:
-        with torch.no_grad():
-            for n in changed:
-                live[n].copy_(base[f"{component}/{n}"])
 
 
 def generator(seed: int) -> torch.Generator:

@@ -1,12 +1,15 @@
-"""The one small DDIM sampler over a pipeline's components, for methods that train on the model's own samples.
+"""Denoising for training: the one small DDIM sampler over a pipeline's components, and noise predictions.
+
+Images are made by :mod:`erasekit.generation`; this module is for methods and attacks that train through the
+UNet on the model's own partial trajectories.
 
 ESD, AdvUnlearn and the attacks need latents x_t drawn part of the way along a DDIM trajectory, and noise
 predictions from a UNet whose weights are either the pipeline's own or a set of trainable overrides. This
 module does that with the pipeline's ``encode_prompt``, its UNet and a DDIM scheduler built from its scheduler's
 config. It never forks the pipeline's ``__call__``.
 
-Only pipelines whose UNet takes ``(sample, timestep, encoder_hidden_states)`` alone are supported (SD1.x and
-SD2.x); SDXL's UNet also needs pooled text embeddings and time ids.
+Only families with ``unet_training`` in the family table are supported (their UNet takes
+``(sample, timestep, encoder_hidden_states)`` alone); SDXL's UNet also needs pooled text embeddings and time ids.
 """
 
 from __future__ import annotations
@@ -17,12 +20,10 @@ from typing import Any
 
 import torch
 
-UNET_FAMILIES = ("sd15", "sd2")
-
 
 def check_unet_family(model: Any, method: str) -> Any:
     """The pipeline of ``model``, or an error when ``method`` cannot run this sampler on it."""
-    return model.require_family(UNET_FAMILIES, f"{method} trains through the UNet and")
+    return model.require_capability("unet_training", method)
 
 
 def encode_prompts(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:

@@ -16,19 +16,12 @@ from typing import Any
 
 from erasekit.errors import ErasekitError
 from erasekit.evaluation import record as rec
-from erasekit.evaluation.runner import Job, Sampling, barrier, generate, scheduler_info, shard
+from erasekit.evaluation.runner import Job, barrier, generate, shard
+from erasekit.generation import Sampling, scheduler_info
+from erasekit.patch import Patch
 
 # score(entries, patch) -> metrics; entries are the manifest entries in job order.
 Scorer = Callable[[list[dict[str, Any]], Any], dict[str, Any]]
-
-
-def combined_patch(patches: Sequence[Any], merge: str | None = None) -> Any | None:
-    """One patch from several (``Patch.compose``), or ``None`` when there are none."""
-    from erasekit.patch import Patch
-
-    if not patches:
-        return None
-    return patches[0] if len(patches) == 1 else Patch.compose(list(patches), merge)
 
 
 def run_protocol(
@@ -74,7 +67,7 @@ def run_protocol(
     barrier(world)
     start = time.perf_counter()
     base_sha = rec.model_fingerprint(model.components)
-    patch = combined_patch(patches, merge)
+    patch = Patch.compose(patches, merge) if patches else None
     before = _done_keys(out)
     gen_start = time.perf_counter()
     with patch.applied(model) if patch is not None else contextlib.nullcontext():

@@ -1,19 +1,25 @@
-"""Generate with the MiniCanvas pipeline and classify what comes out; measure the tiny CLIP's retrieval."""
+"""The MiniCanvas model's quality bars: the base grid classified, the classifier on held-out renders, and the tiny
+CLIP's caption->image retrieval (docs/minicanvas.md, "Measured"). Images come from the one generation path."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from erasekit.generation import Request, Sampling, render
 from erasekit.minicanvas.data import RenderSet, tokenize
 from erasekit.minicanvas.world import OBJECT_NAMES, STYLE_NAMES, prompt
-from erasekit.progress import track
 
-#: Sampling settings the quality bars are measured with.
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 5.0
+
+def default_sampling() -> Sampling:
+    """The sampling the quality bars are measured with: the ``minicanvas`` family's steps and guidance."""
+    from erasekit.models.families import FAMILIES
+
+    family = FAMILIES["minicanvas"]
+    return Sampling(steps=family.steps, guidance=family.guidance)
 
 
 @dataclass(frozen=True)
@@ -45,44 +51,15 @@ class GridResult:
         return 100.0 * (self.style_pred == self.cells[:, 1]).float().mean().item()
 
 
-@torch.no_grad()
 def generate(
-    pipe: Any,
-    prompts: list[str],
-    seeds: list[int],
-    *,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    batch_size: int = 64,
-    negative_prompt: str | None = None,
+    pipe: Any, prompts: list[str], seeds: list[int], sampling: Sampling, batch_size: int = 64
 ) -> torch.Tensor:
-    """Generate one image per (prompt, seed) with the diffusers pipeline itself.
-
-    Each image has its own ``torch.Generator``, so an image depends only on its prompt and seed, never on the
-    batch it shares.
-
-    Returns:
-        float ``[N, 3, H, W]`` in [-1, 1].
-    """
+    """One image per (prompt, seed) through :func:`erasekit.generation.render`: float ``[N, 3, H, W]`` in [-1, 1]."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
-    device = pipe.unet.device
-    out = []
-    chunks = range(0, len(prompts), batch_size)
-    for i in track(chunks, desc="generate", total=len(chunks)):
-        gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds[i : i + batch_size]]
-        batch = prompts[i : i + batch_size]
-        neg = None if negative_prompt is None else [negative_prompt] * len(batch)
-        images = pipe(
-            prompt=batch,
-            negative_prompt=neg,
-            generator=gens,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            output_type="pt",
-        ).images  # [B, 3, H, W] in [0, 1]
-        out.append(images.float().cpu() * 2.0 - 1.0)
-    return torch.cat(out)
+    requests = [Request(seed=int(s), prompt=p) for p, s in zip(prompts, seeds)]
+    images = render(pipe, requests, sampling, batch_size=batch_size, desc="generate")  # [H, W, 3] in [0, 1]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() * 2.0 - 1.0
 
 
 def grid_cells(
@@ -112,14 +89,16 @@ def evaluate_grid(
     objects: list[str] | None = None,
     styles: list[str] | None = None,
     seeds: int = 2,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
+    sampling: Sampling | None = None,
     batch_size: int = 64,
 ) -> GridResult:
-    """Generate ``A {object} image in {style} style.`` for every cell and seed, and classify the images."""
+    """Generate ``A {object} image in {style} style.`` for every cell and seed, and classify the images.
+
+    ``sampling``: :func:`default_sampling` when ``None``.
+    """
     cells, seed_list = grid_cells(objects, styles, seeds)
     prompts = [prompt(OBJECT_NAMES[o], STYLE_NAMES[s]) for o, s in cells.tolist()]
-    images = generate(pipe, prompts, seed_list, steps=steps, guidance=guidance, batch_size=batch_size)
+    images = generate(pipe, prompts, seed_list, sampling or default_sampling(), batch_size)
     obj_pred, sty_pred = classify(classifier, images)
     return GridResult(cells, torch.tensor(seed_list), obj_pred, sty_pred, images)
 

@@ -4,26 +4,61 @@ Images: ``A {object} image in {style} style.`` for every cell of the grid and ev
 188, 288, 588, 688, 888, then 988, 1088, ...). With a target concept from the MiniCanvas world, generality images
 are added: the same template with each synonym of the target, and the world's paraphrase templates with the
 target's name, over every concept of the other kind. Each image is classified by the object and style heads,
-and :mod:`erasekit.evaluation.unlearncanvas` turns the verdicts into accuracies, UA/IRA/CRA and the per-class
+and :mod:`erasekit.evaluation.unlearncanvas_metrics` turns the verdicts into accuracies, UA/IRA/CRA and the per-class
 matrix. With a patch, text-space drift on target, synonym and retain prompts is added; with ``fid_reference``
 (a run directory or a folder of images), FID in the classifier's feature space.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from erasekit.concepts import slug
 from erasekit.errors import ErasekitError
-from erasekit.evaluation.classifiers import ImageClassifier, builtin_classifier
-from erasekit.evaluation.lifecycle import load_images, run_protocol
-from erasekit.evaluation.runner import Job, Sampling
-from erasekit.evaluation.unlearncanvas import target_rate, unlearncanvas_metrics
+from erasekit.evaluation.classifiers import ImageClassifier
+from erasekit.evaluation.protocols import RunOptions, identity, register_protocol
+from erasekit.evaluation.run import load_images, run_protocol
+from erasekit.evaluation.runner import Job
+from erasekit.evaluation.unlearncanvas_metrics import target_rate, unlearncanvas_metrics
+from erasekit.minicanvas.world import TEMPLATE
 
-TEMPLATE = "A {object} image in {style} style."
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
+
 UNLEARNCANVAS_SEEDS = (188, 288, 588, 688, 888)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MiniCanvasProtocol:
+    """What the ``minicanvas`` protocol measures."""
+
+    target: str | None = field(
+        default=None, metadata={"help": "the erased concept: adds UA, IRA, CRA, generality and drift"}
+    )
+    seeds: int = field(
+        default=2, metadata={"help": "seeds per prompt (UnlearnCanvas's 188, 288, 588, ... first)"}
+    )
+    objects: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "comma-separated objects: evaluate a sub-grid (default: the classifier's)"},
+    )
+    styles: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "comma-separated styles: evaluate a sub-grid (default: the classifier's)"},
+    )
+    generality: bool = field(
+        default=True, metadata={"help": "add the target's synonym and paraphrase images (MiniCanvas classes)"}
+    )
+    fid_reference: str | None = field(
+        default=None, metadata={"help": "a run directory or image folder to compute FID against"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be at least 1, not {self.seeds}")
 
 
 def seed_list(seeds: int | Sequence[int]) -> list[int]:
@@ -34,11 +69,6 @@ def seed_list(seeds: int | Sequence[int]) -> list[int]:
         extra = [888 + 100 * k for k in range(1, max(0, seeds - 5) + 1)]
         return [*UNLEARNCANVAS_SEEDS, *extra][:seeds]
     return [int(s) for s in seeds]
-
-
-def slug(text: str) -> str:
-    """A file-name-safe form of a concept name."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
 
 
 def grid_jobs(objects: Sequence[str], styles: Sequence[str], seeds: Sequence[int]) -> list[Job]:
@@ -69,85 +99,46 @@ def generality_jobs(target: str, kind: str, others: Sequence[str], seeds: Sequen
     return jobs
 
 
-def evaluate_minicanvas(
-    model: Any,
-    out: str | Path,
-    *,
-    target: str | None = None,
-    patches: Sequence[Any] = (),
-    merge: str | None = None,
-    seeds: int | Sequence[int] = 2,
-    steps: int | None = None,
-    guidance: float | None = None,
-    scheduler: str | None = None,
-    batch_size: int = 32,
-    classifier: ImageClassifier | None = None,
-    objects: Sequence[str] | None = None,
-    styles: Sequence[str] | None = None,
-    generality: bool = True,
-    fid_reference: str | Path | None = None,
-    overwrite: bool = False,
+@register_protocol(
+    "minicanvas", MiniCanvasProtocol, "UnlearnCanvas UA/IRA/CRA + per-class matrix on MiniCanvas"
+)
+def run_minicanvas(
+    model: LoadedModel, out: str | Path, config: MiniCanvasProtocol, options: RunOptions
 ) -> dict[str, Any]:
     """Run the UnlearnCanvas protocol and write ``out/metrics.json``, ``out/record.json`` and the images.
 
-    Args:
-        model: a :class:`~erasekit.models.loading.LoadedModel` with a pipeline (unpatched).
-        out: the run directory (an unfinished one is resumed).
-        target: the erased concept, or ``None`` for accuracies only.
-        patches: the patches to evaluate, composed in order.
-        merge: merge rule for patches that change the same tensor.
-        seeds: a count (UnlearnCanvas's seeds first) or the seeds themselves.
-        steps: denoising steps (MiniCanvas default 25).
-        guidance: guidance scale (MiniCanvas default 5.0).
-        scheduler: a diffusers scheduler class name to sample with (default: the model's own).
-        batch_size: images per pipeline call (runtime only).
-        classifier: the two-head classifier; the built-in MiniCanvas one when ``None``.
-        objects: restrict the grid to these objects (default: all of the classifier's).
-        styles: restrict the grid to these styles (default: all of the classifier's, except "Photo").
-        generality: add synonym and paraphrase images of the target (when the classifier's classes are
-            MiniCanvas concepts).
-        fid_reference: a run directory or image folder to compute FID against (classifier features).
-        overwrite: replace a finished run at ``out``.
-
     Returns:
         The metrics: ``object_accuracy``, ``style_accuracy`` (percent), ``per_class``, ``matrix``; with a
-        target also ``UA``, ``IRA``, ``CRA``, ``target_type`` and ``generality``; ``drift`` with patches.
+        target also ``UA``, ``IRA``, ``CRA``, ``target_type`` and ``generality``; ``drift`` with patches;
+        ``fid`` with a reference.
     """
-    from erasekit.minicanvas.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
-
-    classifier = classifier or builtin_classifier(device=_device(model))
-    objs, stys = _grid(classifier, objects, styles)
-    target_type = _target_type(target, objs, stys)
-    seed_values = seed_list(seeds)
+    classifier = options.classifier_for(model)
+    objs, stys = _grid(classifier, config.objects, config.styles)
+    target = config.target
+    target_type = classifier.head_of(target) if target is not None else None
+    if target is not None and target not in (objs if target_type == "object" else stys):
+        raise ErasekitError(f"target {target!r} is not in the evaluated grid")
+    seed_values = seed_list(config.seeds)
     jobs = grid_jobs(objs, stys, seed_values)
-    with_generality = generality and target is not None and _in_world(classifier)
+    with_generality = config.generality and target is not None and _in_world(classifier)
     if with_generality:
         jobs += generality_jobs(target, target_type, stys if target_type == "object" else objs, seed_values)
-    sampling = Sampling(
-        steps=steps or DEFAULT_STEPS,
-        guidance=DEFAULT_GUIDANCE if guidance is None else guidance,
-        scheduler=scheduler,
-    )
-    config = {
-        "protocol": "minicanvas", "target": target, "target_type": target_type, "objects": objs, "styles": stys,
-        "seeds": seed_values, "generality": with_generality, "classifier": classifier.source,
-        "patches": [p.fingerprint() for p in patches], "merge": merge, "model": model.source,
-        "steps": sampling.steps, "guidance": sampling.guidance, "scheduler": scheduler,
-    }  # fmt: skip
+    sampling = options.sampling_for(model)
+    run_id = {**identity("minicanvas", config, model, options, sampling), "objects": objs, "styles": stys,
+              "target_type": target_type, "generality": with_generality, "classifier": classifier.source}  # fmt: skip
 
     def score(entries: list[dict[str, Any]], patch: Any) -> dict[str, Any]:
         metrics = _score(entries, out, classifier, objs, stys, target, target_type)
         if patch is not None:
             metrics["drift"] = _drift(model, patch, entries, target)
-        if fid_reference is not None:
-            metrics["fid"] = _fid(
-                classifier, out, [e for e in entries if e["meta"]["set"] == "grid"], fid_reference
-            )
+        if config.fid_reference is not None:
+            grid = [e for e in entries if e["meta"]["set"] == "grid"]
+            metrics["fid"] = _fid(classifier, out, grid, config.fid_reference)
         return metrics
 
     return run_protocol(
-        protocol="minicanvas", model=model, jobs=jobs, sampling=sampling, score=score, out=out, config=config,
-        patches=patches, merge=merge, batch_size=batch_size, overwrite=overwrite,
+        protocol="minicanvas", model=model, jobs=jobs, sampling=sampling, score=score, out=out, config=run_id,
+        patches=options.patches, merge=options.merge, batch_size=options.batch_size, overwrite=options.overwrite,
     )  # fmt: skip
 
 
@@ -158,11 +149,6 @@ def _in_world(classifier: ImageClassifier) -> bool:
     return set(classifier.object_names) <= set(OBJECT_NAMES) and set(classifier.style_names) <= set(
         STYLE_NAMES
     )
-
-
-def _device(model: Any) -> Any:
-    pipe = model.pipeline
-    return getattr(pipe, "device", "cpu") if pipe is not None else "cpu"
 
 
 def _grid(
@@ -180,16 +166,6 @@ def _grid(
                 f"the classifier has no {kind} class {unknown[0]!r}; it knows {', '.join(known)}"
             )
     return objs, stys
-
-
-def _target_type(target: str | None, objects: Sequence[str], styles: Sequence[str]) -> str | None:
-    if target is None:
-        return None
-    if target in styles:
-        return "style"
-    if target in objects:
-        return "object"
-    raise ErasekitError(f"target {target!r} is neither an object nor a style of the grid")
 
 
 def _score(

@@ -1,4 +1,4 @@
-"""Exchange with the formats authors publish: full component folders (HiRM, AdvUnlearn) and whole pipelines."""
+"""Export and import the formats authors publish: full component folders (HiRM, AdvUnlearn), whole pipelines."""
 
 from __future__ import annotations
 
@@ -14,12 +14,8 @@ import torch
 from erasekit.errors import ErasekitError
 from erasekit.fingerprint import fingerprints
 from erasekit.io import output_dir
+from erasekit.models.families import FOLDER_CONFIG
 from erasekit.patch import Patch, split_key
-
-
-def combine(patches: Sequence[Patch], merge: str | None = None) -> Patch:
-    """One patch from several (composition refuses conflicts unless ``merge`` is given)."""
-    return patches[0] if len(patches) == 1 else Patch.compose(patches, merge)
 
 
 def export_component(
@@ -80,7 +76,7 @@ def save_patched_model(
     model: Any, patches: Sequence[Patch], out: str | Path, merge: str | None = None, overwrite: bool = False
 ) -> Path:
     """Apply ``patches`` (fingerprint-checked) and write the whole model as a diffusers folder."""
-    patch = combine(patches, merge)
+    patch = Patch.compose(patches, merge)
     with patch.applied(model), output_dir(out, overwrite) as tmp:
         if model.pipeline is not None:
             model.pipeline.save_pretrained(tmp, safe_serialization=True)
@@ -92,6 +88,8 @@ def save_patched_model(
             index = model.path / "model_index.json"
             if index.is_file():
                 shutil.copyfile(index, tmp / "model_index.json")
+        if model.folder_config:  # the family and sampling defaults travel with the weights
+            (tmp / FOLDER_CONFIG).write_text(json.dumps(model.folder_config, indent=2, sort_keys=True) + "\n")
         (tmp / "erasekit_patches.json").write_text(
             json.dumps([p.summary() for p in patches], indent=2) + "\n"
         )

@@ -1,0 +1,149 @@
+"""What a leaderboard shows, and the arithmetic over its cells: means and spreads per entry and concept type."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from erasekit.bench.layout import AttackCell, Cell
+
+KINDS = ("style", "object")
+# (column key, header, decimals); the first four are percentages from the evaluation.
+COLUMNS = (
+    ("UA", "UA ↑", 1),
+    ("IRA", "IRA ↑", 1),
+    ("CRA", "CRA ↑", 1),
+    ("UA_synonyms", "UA on synonyms ↑", 1),
+    ("erase_seconds", "erase (s)", 1),
+    ("peak_memory_mb", "peak memory (MiB)", 0),
+)
+PERCENT = ("UA", "IRA", "CRA", "UA_synonyms")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Board:
+    """Everything a leaderboard page shows.
+
+    Attributes:
+        labels: the entries in row order, ``base`` first.
+        concepts: ``{kind: [concept, ...]}`` for ``style`` and ``object``.
+        cells: the finished cells.
+        not_run: ``{label: reason}`` for entries deliberately not run (shown as such).
+        failed: ``{(label, concept): reason}`` of cells that failed (they count as missing).
+        command: the exact command that reproduces the board.
+        notes: extra lines for the page (settings, hardware).
+        attacks: the attack columns' labels, in order.
+        attack_cells: the finished attack cells.
+    """
+
+    labels: tuple[str, ...]
+    concepts: dict[str, list[str]]
+    cells: list[Cell]
+    not_run: dict[str, str] = field(default_factory=dict)
+    failed: dict[tuple[str, str], str] = field(default_factory=dict)
+    command: str = ""
+    notes: tuple[str, ...] = ()
+    attacks: tuple[str, ...] = ()
+    attack_cells: list[AttackCell] = field(default_factory=list)
+
+    def cell(self, label: str, concept: str) -> Cell | None:
+        return next((c for c in self.cells if c.entry == label and c.concept == concept), None)
+
+    def attack_cell(self, attack: str, label: str, concept: str) -> AttackCell | None:
+        return next(
+            (c for c in self.attack_cells if (c.attack, c.entry, c.concept) == (attack, label, concept)), None
+        )
+
+    def run_labels(self) -> list[str]:
+        return [label for label in self.labels if label not in self.not_run]
+
+    def all_concepts(self) -> list[str]:
+        return [c for kind in KINDS for c in self.concepts.get(kind, [])]
+
+    def missing(self) -> list[tuple[str, str]]:
+        """``(label, concept)`` of every cell that should exist and does not (not-run entries excluded)."""
+        labels, concepts = self.run_labels(), self.all_concepts()
+        cells = [(label, c) for label in labels for c in concepts if self.cell(label, c) is None]
+        attacks = [(f"{label} / {attack}", c) for attack in self.attacks for label in labels for c in concepts
+                   if self.attack_cell(attack, label, c) is None]  # fmt: skip
+        return cells + attacks
+
+
+def cell_value(cell: Cell, key: str) -> float | None:
+    """A column's value in one cell: a score, or the erase cost."""
+    value = getattr(cell.scores, key) if key in PERCENT else getattr(cell, key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); the spread is ``None`` below two values."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def aggregate(board: Board) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{label: {kind: {"n": finished, "of": total, key: (mean, std)}}}`` over each kind's concepts."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for label in board.labels:
+        out[label] = {}
+        for kind in KINDS:
+            concepts = board.concepts.get(kind, [])
+            cells = [c for c in (board.cell(label, x) for x in concepts) if c is not None]
+            row: dict[str, Any] = {"n": len(cells), "of": len(concepts)}
+            for key, _, _ in COLUMNS:
+                row[key] = mean_std([v for v in (cell_value(c, key) for c in cells) if v is not None])
+            out[label][kind] = row
+    return out
+
+
+def fmt(stat: tuple[float | None, float | None], decimals: int) -> str:
+    """``12.3 ± 4.5``, ``12.3`` (one value) or ``–`` (none)."""
+    mean, std = stat
+    if mean is None:
+        return "–"
+    return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
+
+
+def table_rows(board: Board, kind: str) -> list[list[str]]:
+    """One row per entry for one concept type: label, concepts done, then every column."""
+    stats = aggregate(board)
+    rows = []
+    for label in board.labels:
+        if label in board.not_run:
+            rows.append([label, f"not run: {board.not_run[label]}"] + ["–"] * len(COLUMNS))
+            continue
+        row = stats[label][kind]
+        rows.append([label, f"{row['n']}/{row['of']}"] + [fmt(row[k], d) for k, _, d in COLUMNS])
+    return rows
+
+
+def attack_rows(board: Board, kind: str) -> list[list[str]]:
+    """One row per entry: the mean ± spread of each attack's ASR over the kind's concepts, with ``(n/of)``."""
+    concepts = board.concepts.get(kind, [])
+    rows = []
+    for label in board.run_labels():
+        row = [label]
+        for attack in board.attacks:
+            cells = [board.attack_cell(attack, label, c) for c in concepts]
+            values = [float(c.ASR) for c in cells if c is not None and c.ASR is not None]
+            done = sum(c is not None for c in cells)
+            row.append(
+                fmt(mean_std(values), 1) + ("" if done == len(concepts) else f" ({done}/{len(concepts)})")
+            )
+        rows.append(row)
+    return rows
+
+
+def attack_header(board: Board) -> list[str]:
+    """The attack tables' header: ``name:preset ASR ↓`` (the whole label where two columns share a name)."""
+    short = [a.split(" (")[0] for a in board.attacks]
+    names = short if len(set(short)) == len(short) else list(board.attacks)
+    return ["method", *(f"{n} ASR ↓" for n in names)]
+
+
+def attack_budgets(board: Board) -> str:
+    """One line naming each attack column's budget overrides (the full budgets are in every cell's JSON)."""
+    return "Attack budgets, the same for every method: " + "; ".join(f"`{a}`" for a in board.attacks) + "."

@@ -1,0 +1,271 @@
+"""The leaderboard directory: where every file lives, and the typed cells read from and written to it.
+
+::
+
+    DIR/bench.json                                what identifies the results, and the last command
+    DIR/patches/<method>-<config hash>/<concept>/  each single method's patch (reused by stacks and twins)
+    DIR/patches/<method>-<config hash>/<concept>.json   its cost: erase seconds and peak memory
+    DIR/runs/<entry>/<concept>/                   the evaluation run (images, manifest, metrics, record)
+    DIR/cells/<entry>/<concept>.json              the cell; its presence marks the cell finished
+    DIR/attacks/<attack key>/<entry>/<concept>.json    an attack cell
+    DIR/attack-runs/<attack key>/<entry>/<concept>/    the attack run (prompts, images, metrics)
+    DIR/attack-sheets/<attack key>.png            each attack column's first images per entry and concept
+    DIR/leaderboard.md, DIR/report.html           the tables and the page
+
+Every file is written atomically; a cell is written last, after everything it points to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from erasekit.concepts import slug
+from erasekit.errors import ErasekitError
+from erasekit.io import atomic_write_json
+
+BENCH_FILE = "bench.json"
+# The leaderboard's numbers and where each sits in an evaluation's metrics.
+METRIC_PATHS = {
+    "UA": ("UA",),
+    "IRA": ("IRA",),
+    "CRA": ("CRA",),
+    "UA_synonyms": ("generality", "UA_synonyms"),
+    "UA_paraphrases": ("generality", "UA_paraphrases"),
+    "object_accuracy": ("object_accuracy",),
+    "style_accuracy": ("style_accuracy",),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scores:
+    """The leaderboard's numbers of one evaluation (percent; ``None`` where the run has none)."""
+
+    UA: float | None = None
+    IRA: float | None = None
+    CRA: float | None = None
+    UA_synonyms: float | None = None
+    UA_paraphrases: float | None = None
+    object_accuracy: float | None = None
+    style_accuracy: float | None = None
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any]) -> Scores:
+        """The numbers out of an evaluation's ``metrics.json``."""
+        values: dict[str, float | None] = {}
+        for name, path in METRIC_PATHS.items():
+            value: Any = metrics
+            for key in path:
+                value = value.get(key) if isinstance(value, Mapping) else None
+            values[name] = float(value) if isinstance(value, (int, float)) else None
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cell:
+    """One entry on one concept.
+
+    Attributes:
+        entry: the entry's label (``base``, ``uce:paper``, ``hirm-r:default+uce:paper``).
+        parts: its ``(method, preset)`` parts (none for ``base``).
+        concept: the erased concept.
+        concept_type: ``style`` or ``object``.
+        scores: the evaluation's numbers.
+        erase_seconds: wall time of the erasure (a stack: the sum of its parts), ``None`` for ``base``.
+        peak_memory_mb: peak RSS above the start of the erasure (a stack: its largest part).
+        patch: the patch's summary and ``sha256``, ``None`` for ``base``.
+        same_patch_as: another entry whose patch is this very one (its run was reused), or ``None``.
+        run: the evaluation run, relative to the leaderboard directory.
+        cell_seconds: wall time of the whole cell.
+    """
+
+    entry: str
+    parts: tuple[tuple[str, str], ...]
+    concept: str
+    concept_type: str
+    scores: Scores
+    erase_seconds: float | None = None
+    peak_memory_mb: float | None = None
+    patch: dict[str, Any] | None = None
+    same_patch_as: str | None = None
+    run: str = ""
+    cell_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["metrics"] = data.pop("scores")
+        data["parts"] = [list(p) for p in self.parts]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Cell:
+        values = {k: v for k, v in data.items() if k in _CELL_FIELDS}
+        values["scores"] = Scores(**{k: v for k, v in data["metrics"].items() if k in METRIC_PATHS})
+        values["parts"] = tuple(tuple(p) for p in data.get("parts", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackCell:
+    """One attack column on one entry and concept.
+
+    Attributes:
+        attack: the column's label (``ring-a-bell:quick (prompts=4)``).
+        entry, concept, concept_type: as in :class:`Cell`.
+        asr: ``{"ASR", "ASR_pre", "ASR_post", "ASR_images", "ASR_any"}`` (percent; ``None`` where not measured).
+        asr_rule: which rate is the headline ``ASR``.
+        budget: the full resolved budget.
+        run: the attack run, relative to the leaderboard directory.
+        same_patch_as: the entry whose attack run this is (same patch), or ``None``.
+        cell_seconds: wall time of the attack run.
+    """
+
+    attack: str
+    entry: str
+    concept: str
+    concept_type: str
+    asr: dict[str, float | None]
+    asr_rule: str | None = None
+    budget: dict[str, Any] = field(default_factory=dict)
+    run: str = ""
+    same_patch_as: str | None = None
+    cell_seconds: float = 0.0
+
+    @property
+    def ASR(self) -> float | None:  # noqa: N802 (the field's name in every run's metrics.json)
+        return self.asr.get("ASR")
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["metrics"] = data.pop("asr")
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AttackCell:
+        values = {k: v for k, v in data.items() if k in _ATTACK_FIELDS}
+        return cls(asr=dict(data["metrics"]), **values)
+
+
+_CELL_FIELDS = {f.name for f in dataclasses.fields(Cell)} - {"scores", "parts"}
+_ATTACK_FIELDS = {f.name for f in dataclasses.fields(AttackCell)} - {"asr"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths inside one leaderboard directory ``root``, and reading and writing its cells."""
+
+    root: Path
+
+    def bench_file(self) -> Path:
+        return self.root / BENCH_FILE
+
+    def cell_file(self, label: str, concept: str) -> Path:
+        return self.root / "cells" / slug(label) / f"{slug(concept)}.json"
+
+    def run_dir(self, label: str, concept: str) -> Path:
+        return self.root / "runs" / slug(label) / slug(concept)
+
+    def patch_dir(self, method: str, config_key: str, concept: str) -> Path:
+        """Keyed by the method's full config (hashed), so presets that agree share a patch."""
+        return self.root / "patches" / f"{slug(method)}-{config_key}" / slug(concept)
+
+    def cost_file(self, method: str, config_key: str, concept: str) -> Path:
+        return self.patch_dir(method, config_key, concept).with_suffix(".json")
+
+    def attack_file(self, attack_key: str, label: str, concept: str) -> Path:
+        return self.root / "attacks" / attack_key / slug(label) / f"{slug(concept)}.json"
+
+    def attack_run_dir(self, attack_key: str, label: str, concept: str) -> Path:
+        return self.root / "attack-runs" / attack_key / slug(label) / slug(concept)
+
+    def sheet_file(self, attack_key: str) -> Path:
+        return self.root / "attack-sheets" / f"{attack_key}.png"
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    # ---- cells -------------------------------------------------------------------------------------
+
+    def read_cell(self, label: str, concept: str) -> Cell | None:
+        file = self.cell_file(label, concept)
+        return Cell.from_json(read_json(file)) if file.is_file() else None
+
+    def write_cell(self, cell: Cell) -> None:
+        atomic_write_json(self.cell_file(cell.entry, cell.concept), cell.to_json())
+
+    def cells(self, labels: Sequence[str], concepts: Sequence[str]) -> list[Cell]:
+        """The finished cells on disk for these entries and concepts (another process may have written them)."""
+        found = (self.read_cell(label, c) for label in labels for c in concepts)
+        return [c for c in found if c is not None]
+
+    def concept_cells(self, concept: str) -> list[Cell]:
+        """Every finished cell on ``concept``, whatever its entry."""
+        return [
+            Cell.from_json(read_json(f))
+            for f in sorted((self.root / "cells").glob(f"*/{slug(concept)}.json"))
+        ]
+
+    def read_attack_cell(self, attack_key: str, label: str, concept: str) -> AttackCell | None:
+        file = self.attack_file(attack_key, label, concept)
+        return AttackCell.from_json(read_json(file)) if file.is_file() else None
+
+    def write_attack_cell(self, attack_key: str, cell: AttackCell) -> None:
+        atomic_write_json(self.attack_file(attack_key, cell.entry, cell.concept), cell.to_json())
+
+    def attack_cells(self, attacks: Sequence[Any], labels: Sequence[str], concepts: Sequence[str]) -> list:
+        """The finished attack cells of these columns (:class:`~erasekit.bench.attacks.BenchAttack`)."""
+        found = (
+            self.read_attack_cell(a.key, label, c) for a in attacks for label in labels for c in concepts
+        )
+        return [c for c in found if c is not None]
+
+    # ---- the directory -----------------------------------------------------------------------------
+
+    def open(self, identity: dict[str, Any], overwrite: bool = False) -> Layout:
+        """Create or resume the directory for results identified by ``identity``.
+
+        A directory holding results of another model or other evaluation settings is refused (unless
+        ``overwrite``, which deletes it first); one that is not a leaderboard is always refused.
+        """
+        import shutil
+
+        out = self.root
+        if out.exists() and not out.is_dir():
+            raise ErasekitError(f"output {out} exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()):
+            if not self.bench_file().is_file():
+                raise ErasekitError(
+                    f"output {out} is a non-empty directory that is not an erasekit leaderboard"
+                )
+            if overwrite:
+                shutil.rmtree(out)
+            elif read_json(self.bench_file()).get("identity") != normal(identity):
+                raise ErasekitError(
+                    f"{out} holds a leaderboard of another model or settings; use another --out or --overwrite"
+                )
+        out.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def write_bench_file(self, identity: dict[str, Any], run: dict[str, Any]) -> None:
+        """Save the identity (checked on resume) and this invocation's entries, concepts and command."""
+        from erasekit.provenance import provenance
+
+        atomic_write_json(
+            self.bench_file(), {"identity": normal(identity), "run": run, "provenance": provenance()}
+        )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ErasekitError(f"cannot read {path}: {e}") from None
+
+
+def normal(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists, keys sorted)."""
+    return json.loads(json.dumps(obj, sort_keys=True))
