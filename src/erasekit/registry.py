@@ -34,6 +34,25 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class Strength:
+    """A method's strength knob: the config field the leaderboard sweeps, and the values it tries.
+
+    Attributes:
+        field: the config field (steps, lr, η, λ, an erase scale...).
+        grid: 4-6 values, weakest to strongest where that has a meaning.
+        preset: the preset the sweep starts from (the knob is overridden on top of it).
+    """
+
+    field: str
+    grid: tuple[Any, ...]
+    preset: str = "paper"
+
+    def __post_init__(self) -> None:
+        if not 2 <= len(self.grid) <= 8 or len(set(map(repr, self.grid))) != len(self.grid):
+            raise ValueError(f"a strength grid needs 2 to 8 distinct values, got {self.grid!r}")
+
+
+@dataclass(frozen=True)
 class Spec:
     """A registered entry.
 
@@ -44,6 +63,7 @@ class Spec:
         presets: ``{preset: {field: value}}`` or ``{preset: {concept_type: {field: value}}}``.
         default_preset: used when none is named.
         summary: one line for the listings.
+        strength: the knob the leaderboard's sweep varies (methods), or ``None``.
     """
 
     name: str
@@ -52,6 +72,7 @@ class Spec:
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     default_preset: str = "paper"
     summary: str = ""
+    strength: Strength | None = None
 
 
 S = TypeVar("S", bound=Spec)
@@ -100,6 +121,12 @@ class Registry(Generic[S]):
             raise ValueError(f"{self.kind} {name!r} needs a 'paper' preset")
         if default_preset not in presets_:
             raise ValueError(f"{name}: default preset {default_preset!r} is not among {sorted(presets_)}")
+
+        knob = extra.get("strength")
+        if knob is not None:
+            names = {f.name for f in dataclasses.fields(config_cls)}
+            if knob.field not in names or knob.preset not in presets_:
+                raise ValueError(f"{name}: strength {knob} names no field or preset of the method")
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._specs:

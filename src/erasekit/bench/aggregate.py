@@ -1,13 +1,13 @@
-"""What a leaderboard shows, and the arithmetic over its cells: means and spreads per entry and concept type."""
+"""What a leaderboard shows, and the arithmetic over its cells: means and 95% bootstrap intervals per entry and
+concept type (:mod:`erasekit.bench.stats`: over concepts, and over each concept's evaluation seeds)."""
 
 from __future__ import annotations
 
-import statistics
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from erasekit.bench.layout import AttackCell, Cell
+from erasekit.bench.stats import Estimate, estimate
 
 KINDS = ("style", "object")
 # (column key, header, decimals); the first four are percentages from the evaluation.
@@ -71,21 +71,19 @@ class Board:
         return cells + attacks
 
 
-def cell_value(cell: Cell, key: str) -> float | None:
-    """A column's value in one cell: a score, or the erase cost."""
-    value = getattr(cell.scores, key) if key in PERCENT else getattr(cell, key)
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (n - 1); the spread is ``None`` below two values."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+def cell_values(cell: Cell, key: str) -> list[float]:
+    """A column's values in one cell: a score on each evaluation seed (the pooled score for cells without
+    per-seed numbers), or the erase cost."""
+    if key in PERCENT:
+        seeds = [v for v in (s.get(key) for s in cell.per_seed.values()) if v is not None]
+        pooled = cell.scores.get(key)
+        return seeds or ([float(pooled)] if pooled is not None else [])
+    value = getattr(cell, key)
+    return [float(value)] if isinstance(value, (int, float)) else []
 
 
 def aggregate(board: Board) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{label: {kind: {"n": finished, "of": total, key: (mean, std)}}}`` over each kind's concepts."""
+    """``{label: {kind: {"n": finished, "of": total, key: Estimate}}}`` over each kind's concepts."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for label in board.labels:
         out[label] = {}
@@ -94,45 +92,40 @@ def aggregate(board: Board) -> dict[str, dict[str, dict[str, Any]]]:
             cells = [c for c in (board.cell(label, x) for x in concepts) if c is not None]
             row: dict[str, Any] = {"n": len(cells), "of": len(concepts)}
             for key, _, _ in COLUMNS:
-                row[key] = mean_std([v for v in (cell_value(c, key) for c in cells) if v is not None])
+                row[key] = estimate([cell_values(c, key) for c in cells])
             out[label][kind] = row
     return out
 
 
-def fmt(stat: tuple[float | None, float | None], decimals: int) -> str:
-    """``12.3 ± 4.5``, ``12.3`` (one value) or ``–`` (none)."""
-    mean, std = stat
-    if mean is None:
-        return "–"
-    return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
-
-
-def table_rows(board: Board, kind: str) -> list[list[str]]:
+def table_rows(board: Board, kind: str, stats: dict[str, Any] | None = None) -> list[list[str]]:
     """One row per entry for one concept type: label, concepts done, then every column."""
-    stats = aggregate(board)
+    stats = stats or aggregate(board)
     rows = []
     for label in board.labels:
         if label in board.not_run:
             rows.append([label, f"not run: {board.not_run[label]}"] + ["–"] * len(COLUMNS))
             continue
         row = stats[label][kind]
-        rows.append([label, f"{row['n']}/{row['of']}"] + [fmt(row[k], d) for k, _, d in COLUMNS])
+        rows.append([label, f"{row['n']}/{row['of']}"] + [row[k].fmt(d) for k, _, d in COLUMNS])
     return rows
 
 
+def attack_estimate(board: Board, attack: str, label: str, concepts: list[str]) -> tuple[Estimate, int]:
+    """The ASR over ``concepts`` (with its interval over concepts) and how many of their cells finished."""
+    cells = [board.attack_cell(attack, label, c) for c in concepts]
+    values = [[float(c.ASR)] for c in cells if c is not None and c.ASR is not None]
+    return estimate(values), sum(c is not None for c in cells)
+
+
 def attack_rows(board: Board, kind: str) -> list[list[str]]:
-    """One row per entry: the mean ± spread of each attack's ASR over the kind's concepts, with ``(n/of)``."""
+    """One row per entry: each attack's mean ASR over the kind's concepts with its interval, and ``(n/of)``."""
     concepts = board.concepts.get(kind, [])
     rows = []
     for label in board.run_labels():
         row = [label]
         for attack in board.attacks:
-            cells = [board.attack_cell(attack, label, c) for c in concepts]
-            values = [float(c.ASR) for c in cells if c is not None and c.ASR is not None]
-            done = sum(c is not None for c in cells)
-            row.append(
-                fmt(mean_std(values), 1) + ("" if done == len(concepts) else f" ({done}/{len(concepts)})")
-            )
+            est, done = attack_estimate(board, attack, label, concepts)
+            row.append(est.fmt(1) + ("" if done == len(concepts) else f" ({done}/{len(concepts)})"))
         rows.append(row)
     return rows
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from erasekit.bench.entries import Entry, check_stack
+from erasekit.bench.entries import Entry, Part, check_stack
 from erasekit.bench.layout import AttackCell, Cell, Layout, Scores, read_json
 from erasekit.bench.memory import PeakMemory
 from erasekit.errors import ErasekitError
@@ -83,22 +83,23 @@ class Bench:
 
     # ---- patches -----------------------------------------------------------------------------------
 
-    def part_patch(self, part: tuple[str, str], concept: str, kind: str) -> tuple[Patch, dict[str, Any]]:
-        """The patch of one (method, preset) for ``concept`` and its cost; erased once, then read back."""
-        from erasekit.patch import Patch
-        from erasekit.registry import config_to_dict, erase, make_config
+    def part_patch(self, part: Part, concept: str, kind: str) -> tuple[Patch, dict[str, Any]]:
+        """The patch of one part for ``concept`` and its cost; erased once, then read back.
 
-        config = config_to_dict(make_config(part[0], part[1], kind))
-        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-        where, cost_file = (
-            self.layout.patch_dir(part[0], key, concept),
-            self.layout.cost_file(part[0], key, concept),
-        )
+        Keyed by the method's full config, so presets, sweep points and tuned settings that agree share a patch.
+        """
+        from erasekit.patch import Patch
+        from erasekit.registry import config_to_dict, erase
+
+        config = part.config(kind)
+        key = hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode()).hexdigest()[:12]
+        where = self.layout.patch_dir(part.method, key, concept)
+        cost_file = self.layout.cost_file(part.method, key, concept)
         if cost_file.is_file() and where.is_dir():
             return Patch.load(where), read_json(cost_file)
-        self.say(f"erase {part[0]}:{part[1]} {concept!r}")
+        self.say(f"erase {part.label} {concept!r}")
         with PeakMemory() as mem:
-            patch = erase(self.model, [concept], part[0], part[1], concept_type=kind)
+            patch = erase(self.model, [concept], part.method, concept_type=kind, config=config)
         patch.save(where, overwrite=True)
         cost = {"erase_seconds": patch.erase_seconds, "peak_memory_mb": mem.extra_mb}
         atomic_write_json(cost_file, cost)
@@ -133,15 +134,17 @@ class Bench:
         sha = patch.fingerprint() if patch is not None else None
         twin = self.twin(entry, concept, sha)
         if twin is not None:
-            run, scores = twin.run, twin.scores
+            run, scores, per_seed = twin.run, twin.scores, twin.per_seed
         else:
             run_dir = self.layout.run_dir(entry.label, concept)
-            run, scores = (
+            metrics = self.evaluate(run_dir, concept, patch)
+            run, scores, per_seed = (
                 self.layout.relative(run_dir),
-                Scores.from_metrics(self.evaluate(run_dir, concept, patch)),
+                Scores.from_metrics(metrics),
+                Scores.per_seed(metrics),
             )
         cell = Cell(entry=entry.label, parts=entry.parts, concept=concept, concept_type=kind, scores=scores,
-                    erase_seconds=cost["erase_seconds"], peak_memory_mb=cost["peak_memory_mb"],
+                    per_seed=per_seed, erase_seconds=cost["erase_seconds"], peak_memory_mb=cost["peak_memory_mb"],
                     patch={**patch.summary(), "sha256": sha} if patch is not None else None,
                     same_patch_as=twin.entry if twin else None, run=run,
                     cell_seconds=round(time.perf_counter() - start, 2))  # fmt: skip

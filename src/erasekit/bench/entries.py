@@ -3,24 +3,67 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from erasekit.concepts import slug
 from erasekit.errors import ErasekitError
 
 BASE = "base"
+TUNED = "tuned"  # the preset name of a method's operating point, chosen on the dev concepts (bench.protocol)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One method's setting in an entry: a preset, optionally with config overrides (a sweep point).
+
+    Attributes:
+        method: registry name.
+        preset: the preset the config starts from.
+        overrides: ``((field, value), ...)`` applied on top of the preset.
+        alias: the name shown instead of the preset and overrides (``tuned``).
+    """
+
+    method: str
+    preset: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+    alias: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.alias:
+            return f"{self.method}:{self.alias}"
+        extra = ",".join(f"{k}={v}" for k, v in self.overrides)
+        return f"{self.method}:{self.preset}" + (f"[{extra}]" if extra else "")
+
+    def config(self, concept_type: str) -> Any:
+        """The method's config for one concept type."""
+        from erasekit.registry import make_config
+
+        return make_config(self.method, self.preset, concept_type, **dict(self.overrides))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "preset": self.preset, "overrides": [list(o) for o in self.overrides],
+                "alias": self.alias}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: Any) -> Part:
+        if isinstance(data, Mapping):
+            return cls(data["method"], data["preset"], tuple(tuple(o) for o in data.get("overrides", ())),
+                       data.get("alias"))  # fmt: skip
+        return cls(data[0], data[1])  # written as [method, preset] by older versions
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One leaderboard row: the (method, preset) parts whose patches are composed (none for ``base``)."""
+    """One leaderboard row: the parts whose patches are composed (none for ``base``)."""
 
-    parts: tuple[tuple[str, str], ...]
+    parts: tuple[Part, ...]
 
     @property
     def label(self) -> str:
-        return "+".join(f"{m}:{p}" for m, p in self.parts) or BASE
+        return "+".join(p.label for p in self.parts) or BASE
 
     @property
     def slug(self) -> str:
@@ -30,13 +73,17 @@ class Entry:
 # ---- choosing what to run ------------------------------------------------------------------------------
 
 
-def parse_entries(methods: Sequence[str], presets: Sequence[str] = ()) -> list[Entry]:
+def parse_entries(
+    methods: Sequence[str], presets: Sequence[str] = (), tuned: Mapping[str, Part] | None = None
+) -> list[Entry]:
     """Entries from ``method``, ``method:preset`` and ``a+b`` strings, checked against the registry.
 
     Args:
         methods: the entries as written on the command line.
         presets: for a single method written without a preset, one entry per listed preset the method has
-            (its default preset when it has none of them). Stacked parts without a preset take the default.
+            (its default preset when it has none of them; ``tuned`` when ``tuned`` has the method). Stacked parts
+            without a preset take the default.
+        tuned: ``{method: Part}``: the operating points ``method:tuned`` stands for.
 
     Returns:
         The entries in order, without duplicates.
@@ -50,17 +97,32 @@ def parse_entries(methods: Sequence[str], presets: Sequence[str] = ()) -> list[E
             raise ErasekitError(f"empty method in {text!r}")
         if len(names) == 1 and ":" not in names[0] and presets:
             spec = METHODS.get(names[0])
-            chosen = [p for p in presets if p in spec.presets] or [spec.default_preset]
-            candidates = [Entry(((spec.name, p),)) for p in chosen]
+            have = set(spec.presets) | ({TUNED} if spec.name in (tuned or {}) else set())
+            chosen = [p for p in presets if p in have] or [spec.default_preset]
+            candidates = [Entry((_part(f"{spec.name}:{p}", tuned),)) for p in chosen]
         else:
-            candidates = [Entry(tuple(METHODS.parse(n) for n in names))]
+            candidates = [Entry(tuple(_part(n, tuned) for n in names))]
         out += [e for e in candidates if e not in out]
     return out
 
 
+def _part(text: str, tuned: Mapping[str, Part] | None) -> Part:
+    from erasekit.registry import METHODS
+
+    name, _, preset = text.partition(":")
+    if preset.strip() == TUNED:
+        spec = METHODS.get(name.strip())
+        if spec.name not in (tuned or {}):
+            raise ErasekitError(
+                f"{spec.name} has no tuned setting yet: run the sweep first (erasekit bench --sweep)"
+            )
+        return tuned[spec.name]
+    return Part(*METHODS.parse(text))
+
+
 def check_stack(entry: Entry) -> None:
     """Refuse a stack that names one method twice (its parts would change the same tensors)."""
-    methods = [m for m, _ in entry.parts]
+    methods = [p.method for p in entry.parts]
     if len(set(methods)) != len(methods):
         raise ErasekitError(f"cannot stack {entry.label}: it names a method twice")
 

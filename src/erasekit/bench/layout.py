@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from erasekit.bench.entries import Part
 from erasekit.concepts import slug
 from erasekit.errors import ErasekitError
 from erasekit.io import atomic_write_json
@@ -64,6 +65,25 @@ class Scores:
             values[name] = float(value) if isinstance(value, (int, float)) else None
         return cls(**values)
 
+    @classmethod
+    def per_seed(cls, metrics: Mapping[str, Any]) -> dict[str, Scores]:
+        """``{seed: Scores}`` of an evaluation's ``per_seed`` numbers (empty for runs that have none)."""
+        return {seed: cls.of(row) for seed, row in (metrics.get("per_seed") or {}).items()}
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> Scores:
+        """Scores from a flat ``{name: value}`` mapping (unknown names ignored)."""
+        return cls(
+            **{
+                k: (float(v) if isinstance(v, (int, float)) else None)
+                for k, v in row.items()
+                if k in METRIC_PATHS
+            }
+        )
+
+    def get(self, name: str) -> float | None:
+        return getattr(self, name)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Cell:
@@ -71,10 +91,11 @@ class Cell:
 
     Attributes:
         entry: the entry's label (``base``, ``uce:paper``, ``hirm-r:default+uce:paper``).
-        parts: its ``(method, preset)`` parts (none for ``base``).
+        parts: its :class:`~erasekit.bench.entries.Part` s (none for ``base``).
         concept: the erased concept.
         concept_type: ``style`` or ``object``.
         scores: the evaluation's numbers.
+        per_seed: the same numbers on each evaluation seed's images alone (``{seed: Scores}``).
         erase_seconds: wall time of the erasure (a stack: the sum of its parts), ``None`` for ``base``.
         peak_memory_mb: peak RSS above the start of the erasure (a stack: its largest part).
         patch: the patch's summary and ``sha256``, ``None`` for ``base``.
@@ -84,10 +105,11 @@ class Cell:
     """
 
     entry: str
-    parts: tuple[tuple[str, str], ...]
+    parts: tuple[Part, ...]
     concept: str
     concept_type: str
     scores: Scores
+    per_seed: dict[str, Scores] = field(default_factory=dict)
     erase_seconds: float | None = None
     peak_memory_mb: float | None = None
     patch: dict[str, Any] | None = None
@@ -98,14 +120,15 @@ class Cell:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["metrics"] = data.pop("scores")
-        data["parts"] = [list(p) for p in self.parts]
+        data["parts"] = [p.to_json() for p in self.parts]
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Cell:
         values = {k: v for k, v in data.items() if k in _CELL_FIELDS}
-        values["scores"] = Scores(**{k: v for k, v in data["metrics"].items() if k in METRIC_PATHS})
-        values["parts"] = tuple(tuple(p) for p in data.get("parts", ()))
+        values["scores"] = Scores.of(data["metrics"])
+        values["per_seed"] = {seed: Scores.of(row) for seed, row in (data.get("per_seed") or {}).items()}
+        values["parts"] = tuple(Part.from_json(p) for p in data.get("parts", ()))
         return cls(**values)
 
 
@@ -150,7 +173,7 @@ class AttackCell:
         return cls(asr=dict(data["metrics"]), **values)
 
 
-_CELL_FIELDS = {f.name for f in dataclasses.fields(Cell)} - {"scores", "parts"}
+_CELL_FIELDS = {f.name for f in dataclasses.fields(Cell)} - {"scores", "parts", "per_seed"}
 _ATTACK_FIELDS = {f.name for f in dataclasses.fields(AttackCell)} - {"asr"}
 
 

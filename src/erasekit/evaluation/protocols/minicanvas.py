@@ -179,15 +179,37 @@ def _score(
 ) -> dict[str, Any]:
     pred_objects, pred_styles = classifier.classify(load_images(out, entries))
     records = [
-        {**e["meta"], "key": e["key"], "pred_object": po, "pred_style": ps}
+        {**e["meta"], "key": e["key"], "seed": e["seed"], "pred_object": po, "pred_style": ps}
         for e, po, ps in zip(entries, pred_objects, pred_styles)
     ]
     grid = [r for r in records if r["set"] == "grid"]
     metrics = unlearncanvas_metrics(grid, objects, styles, target, target_type)
     if target is not None and any(r["set"] != "grid" for r in records):
         metrics["generality"] = _generality(records, target, target_type)
+    metrics["per_seed"] = _per_seed(records, objects, styles, target, target_type)
     metrics["predictions"] = {r["key"]: [r["pred_object"], r["pred_style"]] for r in records}
     return metrics
+
+
+def _per_seed(
+    records: list[dict[str, Any]],
+    objects: list[str],
+    styles: list[str],
+    target: str | None,
+    target_type: str | None,
+) -> dict[str, dict[str, Any]]:
+    """The headline numbers on each seed's images alone (what the leaderboard's intervals resample)."""
+    out = {}
+    for seed in sorted({r["seed"] for r in records}):
+        mine = [r for r in records if r["seed"] == seed]
+        grid = [r for r in mine if r["set"] == "grid"]
+        m = unlearncanvas_metrics(grid, objects, styles, target, target_type)
+        row = {k: m.get(k) for k in ("UA", "IRA", "CRA", "object_accuracy", "style_accuracy")}
+        if target is not None and any(r["set"] != "grid" for r in mine):
+            gen = _generality(mine, target, target_type)
+            row.update(UA_synonyms=gen["UA_synonyms"], UA_paraphrases=gen["UA_paraphrases"])
+        out[str(seed)] = row
+    return out
 
 
 def _generality(records: list[dict[str, Any]], target: str, kind: str) -> dict[str, Any]:
