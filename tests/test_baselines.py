@@ -35,6 +35,7 @@ FAST = {  # tiny budgets: the contract, not the quality
 }
 CASES = [(m, None) for m in FAST] + [
     ("esd-x", "strict"),
+    ("uce", "legacy"),
     ("advunlearn", "block0"),
     ("advunlearn", "all-blocks"),
 ]

@@ -102,7 +102,7 @@ def ridge_edit(
 
     Args:
         base: W₀ ``[out, D]``.
-        lam: λ ≥ 0 (λ = 0 needs the inputs to span D).
+        lam: λ ≥ 0; with λ = 0 the inverse is a pseudo-inverse (directions the inputs miss keep W* at 0).
         inputs: ``(C [n, D], V [n, out], s)`` triples: inputs, wanted outputs, scale.
         keep: an optional weighted Gram ``K = Σ_j k_j k_jᵀ`` ``[D, D]`` of inputs whose outputs under W₀ are kept
             (MACE's caches).
@@ -120,6 +120,8 @@ def ridge_edit(
     if keep is not None:
         lhs += base @ keep
         rhs += keep
+    if lam == 0:  # the final LayerNorm can leave a direction no embedding reaches: a least-squares solution
+        return lhs @ torch.linalg.pinv(rhs, hermitian=True)
     # W* rhs = lhs  <=>  rhs^T W*^T = lhs^T (rhs is symmetric)
     return torch.linalg.solve(rhs, lhs.T).T
 
