@@ -273,7 +273,7 @@ def test_rece_derives_c_prime_by_its_formula(model):
     w0 = kv_weights(model)
     c = cf.sequence_embeddings(pipe, ["nudity"])[0]  # [L, D]: every row of the prompt
     null = cf.last_token_embeddings(pipe, [""])
-    w1 = uce_weights(w0, c[2:3], null, c[:0], 0.5)
+    w1 = uce_weights(w0, c[2:3], null, None, 0.5)
     reg = 0.1
     c_prime = derive_embedding(w0, w1, c, reg)
     grad = sum(w1[n].T @ (w1[n] @ c_prime.T - w0[n] @ c.T) for n in w0) + reg * c_prime.T

@@ -58,9 +58,12 @@ def last_token_embeddings(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
     """``[B, D]``: each prompt's last-token row of :func:`sequence_embeddings` (BOS for ``""``)."""
     if not prompts:
         return torch.zeros(0, 0, dtype=torch.float64)
-    seq = sequence_embeddings(pipe, prompts)
-    idx = torch.tensor([n_tokens(pipe, p) for p in prompts])
-    return seq[torch.arange(len(prompts)), idx]
+    rows = []
+    for i in range(0, len(prompts), CHUNK):  # the authors' lists run to 1734 names
+        part = prompts[i : i + CHUNK]
+        seq = sequence_embeddings(pipe, part)
+        rows.append(seq[torch.arange(len(part)), torch.tensor([n_tokens(pipe, p) for p in part])])
+    return torch.cat(rows)
 
 
 def all_rows(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:

@@ -40,7 +40,7 @@ from erasekit.methods._closed_form import (
     weights64,
 )
 from erasekit.methods._common import check_choice, check_positive
-from erasekit.methods.uce import erase_rows, preserve_prompts, uce_weights
+from erasekit.methods.uce import erase_rows, preserve_gram, preserve_prompts, uce_weights
 from erasekit.patch import Patch
 from erasekit.registry import register
 
@@ -111,18 +111,17 @@ def derive_embedding(
 def rece_stages(pipe: Any, layers: dict[str, Any], concepts: list[str], config: RECEConfig) -> list[dict]:
     """``[UCE weights, after round 1, ..., after round R]``, each ``{name: W [out, D]}`` float64."""
     original = weights64(layers)
-    keep = preserve_prompts(concepts, config.preserve, True, config.world_preserve)
-    keep_rows = all_rows(pipe, keep)  # [|keep| * L, D]; "" is always first
+    keep = preserve_prompts(concepts, config.preserve, True, config.world_preserve)  # "" first
     erase, guide = erase_rows(pipe, concepts, config.guide, "sequence")
-    edited = uce_weights(original, erase, guide, keep_rows, config.lamb, 1.0, config.uce_preserve_scale)
+    start_keep = preserve_gram(pipe, keep, "sequence", config.uce_preserve_scale)
+    edited = uce_weights(original, erase, guide, start_keep, config.lamb)
     stages = [edited]
     concept_rows = sequence_embeddings(pipe, concepts)  # [B, L, D]
     guide_rows = all_rows(pipe, [config.guide] * len(concepts))  # [B * L, D]
+    round_keep = preserve_gram(pipe, keep, "sequence", config.round_preserve_scale)
     for _ in range(config.rounds):
         adversarial = torch.cat([derive_embedding(original, edited, c, config.reg) for c in concept_rows])
-        edited = uce_weights(
-            edited, adversarial, guide_rows, keep_rows, config.round_lamb, 1.0, config.round_preserve_scale
-        )
+        edited = uce_weights(edited, adversarial, guide_rows, round_keep, config.round_lamb)
         stages.append(edited)
     return stages
 

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from erasekit.methods._closed_form import (
-    all_rows,
     check_family,
     check_projections,
+    gram,
     kv_layers,
     last_token_embeddings,
     n_tokens,
@@ -112,41 +112,40 @@ def preserve_prompts(concepts: list[str], preserve: tuple[str, ...], null: bool,
     return [""] * null + [p for p in (*preserve, *extra) if p.lower() not in erased]
 
 
-def preserve_rows(pipe: Any, prompts: list[str], rows: str) -> torch.Tensor:
-    """``[m, D]``: each prompt's last-token row (``rows="last"``) or all its L rows (``"sequence"``)."""
-    if not prompts:
-        return torch.zeros(0, 0, dtype=torch.float64)
-    return last_token_embeddings(pipe, prompts) if rows == "last" else all_rows(pipe, prompts)
+def preserve_gram(pipe: Any, prompts: list[str], rows: str, scale: float) -> torch.Tensor | None:
+    """``scale · Σ c cᵀ`` ``[D, D]`` over each prompt's last-token row (``"last"``) or all its L rows, or ``None``."""
+    if not prompts or scale == 0:
+        return None
+    if rows == "last":
+        c = last_token_embeddings(pipe, prompts)
+        return scale * c.T @ c
+    return scale * gram(pipe, prompts)
 
 
 def uce_weights(
     weights: dict[str, torch.Tensor],
     erase: torch.Tensor,
     guide: torch.Tensor,
-    preserve: torch.Tensor,
+    keep: torch.Tensor | None,
     lamb: float,
     erase_scale: float = 1.0,
-    preserve_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """The UCE edit of every W: ``erase`` rows take the values of the aligned ``guide`` rows, ``preserve`` rows keep theirs.
+    """The UCE edit of every W: ``erase`` rows take the values of the aligned ``guide`` rows, kept rows keep theirs.
 
     Args:
         weights: ``{name: W [out, D]}`` (float64); they give the values and the weights λ pulls toward (RECE
             passes its current, already edited, weights).
         erase: ``[n, D]`` rows to remap.
         guide: ``[n, D]`` rows whose values (under ``weights``) the erase rows take.
-        preserve: ``[m, D]`` rows whose values are kept (``[0, *]`` for none).
+        keep: the preserve scale times Σ c cᵀ ``[D, D]`` of the preserved rows (:func:`preserve_gram`), or
+            ``None``: the Gram form of ``s_p Σ_p ‖W* c_p − W c_p‖²``.
 
     Returns:
         ``{name: W* [out, D]}`` float64.
     """
-    out = {}
-    for name, w in weights.items():
-        pairs = [(erase, guide @ w.T, erase_scale)]
-        if preserve.shape[0]:
-            pairs.append((preserve, preserve @ w.T, preserve_scale))
-        out[name] = ridge_edit(w, lamb, pairs)
-    return out
+    return {
+        name: ridge_edit(w, lamb, [(erase, guide @ w.T, erase_scale)], keep) for name, w in weights.items()
+    }
 
 
 def erase_uce(model: Any, concepts: list[str], config: UCEConfig) -> Patch:
@@ -155,10 +154,8 @@ def erase_uce(model: Any, concepts: list[str], config: UCEConfig) -> Patch:
     layers = kv_layers(pipe.unet, config.projections)
     erase, guide = erase_rows(pipe, concepts, config.guide, config.rows)
     prompts = preserve_prompts(concepts, config.preserve, config.preserve_null, config.world_preserve)
-    keep = preserve_rows(pipe, prompts, config.rows)
-    new = uce_weights(
-        weights64(layers), erase, guide, keep, config.lamb, config.erase_scale, config.preserve_scale
-    )
+    keep = preserve_gram(pipe, prompts, config.rows, config.preserve_scale)
+    new = uce_weights(weights64(layers), erase, guide, keep, config.lamb, config.erase_scale)
     return weight_patch(model, layers, new)
 
 
