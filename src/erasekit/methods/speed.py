@@ -1,23 +1,35 @@
 """SPEED (Li et al., 2025): a closed-form cross-attention edit confined to the null space of a retain set.
 
-For every edited projection W (``attn2.to_v`` by default)::
+Followed: Ouxiang-Li/SPEED at commit 6d3df0c92266b1f821d613c73ec45d242716f990 (``train_erase_null.py``,
+``scripts/eval_few.sh``, ``scripts/eval_nudity.sh``). For every edited projection W (``attn2.to_v``)::
 
-    Σ_tt = mean c_t c_tᵀ,  Σ_at = mean c_a c_tᵀ,  M = (Σ_tt P + α I)⁻¹
+    Σ_tt = mean_concepts Tᵀ T,  Σ_at = mean_concepts Aᵀ T,  M = (Σ_tt P + α I)⁻¹
     Δ = W (Σ_at − Σ_tt) P (I − M K2 (K2ᵀ P M K2 + λ I)⁺ K2ᵀ P) M
 
-- c_t are the target prompt's rows 1..n+1 (its n tokens and the first EOS), c_a the anchor prompt's rows at the
-  same positions (our alignment choice: by position).
-- **IPF** keeps the retain rows c whose influence ‖E c‖, with E = W(Σ_at − Σ_tt)(I + Σ_tt)⁻¹, is above the mean.
-- **DPA** adds, per retain row, copies plus Gaussian noise projected on W's ``dpa_rank`` smallest right-singular
-  directions (so W barely sees the noise), then filters again with IPF.
-- P = U_s U_sᵀ, U_s the eigenvectors of Σ_r c cᵀ (sum over the kept retain rows) with eigenvalue below
-  ``null_threshold``; P = I when there is no retain set.
-- **IEC**: K2 = [BOS row of ""; ``kmeans`` k-means centres of the other rows of ""], so Δ K2 = 0 exactly.
-The inverse in the IEC term is a pseudo-inverse, because with λ = 0 it can be singular.
+- **Target rows T**: each concept's last-token row; ``target_rows="all"`` (nudity) takes rows 1..L−1.
+  **Anchor rows A**: the anchor's own last-token row (BOS for ``""``), or its rows 1..L−1 with ``"all"``.
+- **Retain rows**: the last-token row of each retain prompt, after dropping prompts that name a target as a
+  whole word, shuffled. The authors retain 1734 artist names (``data/style.csv``) or 1352 instance names
+  (``data/instance.csv``); on MiniCanvas (``world_retain``) the other concepts of the target's kind, as bare
+  names like the authors' CSV rows (inside a template, the last-token row would be the template's last word).
+  With no retain prompt at all, the authors' fallback: rows 1..L−1 of ``""``.
+- **IPF**: keep the retain rows with ‖E c‖ > mean, E = W(Σ_at − Σ_tt)(I + Σ_tt)⁻¹.
+- **DPA**: per chunk of 128 kept rows, ``dpa_copies`` copies plus unit-variance Gaussian noise projected on W's
+  weakest right-singular direction (of the reduced SVD); only the noisy copies are filtered, by ‖E c‖ > their
+  mean over the chunk, and join the kept rows.
+- **P** = U_s U_sᵀ, U_s the eigenvectors of the retain Gram (Σ c cᵀ / number of rows) with eigenvalue below
+  ``null_threshold``.
+- **IEC**: K2 = [BOS row of ""; ``kmeans`` k-means centres of its other L − 1 rows], so Δ K2 = 0 exactly.
+  The inverse in the IEC term is a pseudo-inverse (the same as the authors' inverse wherever that exists).
+
+Randomness, all from one CPU generator seeded with ``seed``, in this order: the k-means initial centres
+(``randperm`` of the L − 1 rows), the retain shuffle (``randperm``), then per edited layer (model order) and per
+chunk, the DPA noise ``randn(copies, rows, D)``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,140 +39,182 @@ from erasekit.methods._closed_form import (
     check_family,
     check_projections,
     kv_layers,
-    n_tokens,
+    last_token_embeddings,
     sequence_embeddings,
     weight_patch,
     weights64,
+    world_kind_mates,
 )
-from erasekit.methods.common import check_positive, generator
+from erasekit.methods.common import check_choice, check_positive, generator
 from erasekit.patch import Patch
 from erasekit.registry import register
+
+TARGET_ROWS = ("last", "all")
+CHUNK = 128  # the authors' chunk of retain rows; DPA's filter compares within a chunk
 
 
 @dataclass(frozen=True, kw_only=True)
 class SPEEDConfig:
-    """SPEED's settings; defaults are the paper's (to_v, α = 1, λ = 0, threshold 0.1, 3 k-means centres)."""
+    """SPEED's settings; defaults are ``train_erase_null.py``'s (to_v, α 1, λ 0, threshold 0.1, 10 copies)."""
 
     anchor: str = field(
         default="", metadata={"help": "the concept targets are moved toward ('art' for styles, '' otherwise)"}
     )
     retain: tuple[str, ...] = field(
-        default=(), metadata={"help": "prior concepts whose outputs must not move"}
+        default=(), metadata={"help": "prior concepts whose outputs must not move (bare names)"}
     )
-    alpha: float = field(default=1.0, metadata={"help": "α: ridge term of M (0.05 for celebrities)"})
-    lamb: float = field(default=0.0, metadata={"help": "λ of the IEC inverse"})
+    world_retain: bool = field(
+        default=True,
+        metadata={
+            "help": "with no retain given, retain the other MiniCanvas concepts of a MiniCanvas target's kind"
+        },
+    )
+    target_rows: str = field(
+        default="last", metadata={"help": "'last': the last-token row; 'all': rows 1..L-1 (nudity)"}
+    )
+    alpha: float = field(
+        default=1.0, metadata={"help": "α ('retain_scale'): ridge term of M, the strength knob (0.7 nudity)"}
+    )
+    lamb: float = field(default=0.0, metadata={"help": "λ of the IEC inverse (0.5 nudity)"})
     null_threshold: float = field(
-        default=0.1, metadata={"help": "eigenvalues of the retain Gram below this span P"}
+        default=0.1, metadata={"help": "eigenvalues of the mean retain Gram below this span P"}
     )
     ipf: bool = field(default=True, metadata={"help": "influence-based prior filtering of the retain rows"})
     dpa: bool = field(default=True, metadata={"help": "directed prior augmentation of the retain rows"})
+    dpa_copies: int = field(default=10, metadata={"help": "DPA: noisy copies per retain row"})
     iec: bool = field(
         default=True, metadata={"help": "invariant equality constraints on the null text's rows"}
-    )
-    dpa_copies: int = field(default=3, metadata={"help": "DPA: noisy copies per retain row"})
-    dpa_rank: int = field(
-        default=1, metadata={"help": "DPA: how many smallest right-singular directions of W"}
-    )
-    dpa_scale: float = field(
-        default=0.1, metadata={"help": "DPA: noise std relative to the retain rows' RMS norm"}
     )
     kmeans: int = field(default=3, metadata={"help": "IEC: k-means centres of the null text's non-BOS rows"})
     projections: tuple[str, ...] = field(
         default=("to_v",), metadata={"help": "which attn2 projections to edit"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of DPA's noise and the k-means initialisation"})
+    seed: int = field(default=0, metadata={"help": "seed of the k-means start, the shuffle and DPA's noise"})
 
     def __post_init__(self) -> None:
         check_projections(self.projections)
+        check_choice("target_rows", self.target_rows, TARGET_ROWS)
         check_positive(alpha=self.alpha, null_threshold=self.null_threshold, dpa_copies=self.dpa_copies)
-        check_positive(dpa_rank=self.dpa_rank, dpa_scale=self.dpa_scale, kmeans=self.kmeans)
+        check_positive(kmeans=self.kmeans)
         if self.lamb < 0:
             raise ValueError(f"lamb must be >= 0, got {self.lamb}")
 
 
-def prompt_rows(pipe: Any, prompts: list[str], positions_of: list[str] | None = None) -> torch.Tensor:
-    """Rows 1..n+1 of each prompt's conditioning, n from ``positions_of`` (default: the prompt itself).
+def target_statistics(
+    pipe: Any, concepts: list[str], config: SPEEDConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_tt, Σ_at)`` ``[D, D]``: per concept Tᵀ T and Aᵀ T over its rows, averaged over concepts."""
+    if config.target_rows == "last":
+        t = last_token_embeddings(pipe, concepts)  # [B, D], one row per concept
+        a = last_token_embeddings(pipe, [config.anchor] * len(concepts))
+        return t.T @ t / len(concepts), a.T @ t / len(concepts)
+    t = sequence_embeddings(pipe, concepts)[:, 1:]  # [B, L-1, D]
+    a = sequence_embeddings(pipe, [config.anchor] * len(concepts))[:, 1:]
+    return (t.mT @ t).mean(0), (a.mT @ t).mean(0)
+
+
+def retain_texts(concepts: list[str], config: SPEEDConfig) -> list[str]:
+    """The retain prompts: given, else MiniCanvas kind-mates; those naming a target (whole word) dropped."""
+    texts = list(config.retain) or (list(world_kind_mates(concepts)) if config.world_retain else [])
+    pattern = [re.compile(rf"\b{re.escape(c.lower())}\b") for c in concepts]
+    return [t for t in dict.fromkeys(texts) if not any(p.search(t.lower()) for p in pattern)]
+
+
+def retain_rows(pipe: Any, texts: list[str], g: torch.Generator) -> torch.Tensor:
+    """``[n, D]`` shuffled: the texts' last-token rows, or rows 1..L−1 of ``""`` when there are none."""
+    rows = last_token_embeddings(pipe, texts) if texts else sequence_embeddings(pipe, [""])[0, 1:]
+    return rows[torch.randperm(rows.shape[0], generator=g)]
+
+
+def kmeans(
+    x: torch.Tensor, k: int, g: torch.Generator, tol: float = 1e-4, max_iters: int = 300
+) -> torch.Tensor:
+    """Lloyd's k-means on the rows of ``x`` ``[n, D]`` from ``k`` random rows, until the centres move < tol.
 
     Returns:
-        ``[Σ (n_i + 1), D]`` float64.
+        ``[k, D]`` centres; an empty cluster keeps its centre.
     """
-    seq = sequence_embeddings(pipe, prompts)  # [B, 77, D]
-    spans = [n_tokens(pipe, p) + 1 for p in (positions_of or prompts)]
-    return torch.cat([seq[i, 1 : 1 + n] for i, n in enumerate(spans)])
-
-
-def kmeans(x: torch.Tensor, k: int, g: torch.Generator, iters: int = 25) -> torch.Tensor:
-    """Lloyd's k-means on the rows of ``x`` ``[n, D]``; returns ``[k, D]`` centres (seeded initialisation)."""
     centres = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
-    for _ in range(iters):
+    for _ in range(max_iters):
         assign = torch.cdist(x, centres).argmin(1)
-        for j in range(centres.shape[0]):
-            if (assign == j).any():
-                centres[j] = x[assign == j].mean(0)
+        new = torch.stack([x[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
+        shift = (new - centres).norm(dim=1).sum()
+        centres = new
+        if shift**2 < tol:
+            break
     return centres
 
 
+def null_constraints(pipe: Any, k: int, g: torch.Generator) -> torch.Tensor:
+    """K2 ``[D, 1 + k]``: the BOS row of ``""`` and k-means centres of its other rows."""
+    null = sequence_embeddings(pipe, [""])[0]  # [L, D]
+    return torch.cat([null[:1], kmeans(null[1:], k, g)]).T
+
+
 def influence_filter(e: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """IPF: the rows ``[n, D]`` whose ‖E c‖ is at least the mean over rows (E ``[out, D]``)."""
+    """The rows ``[n, D]`` whose ‖E c‖ is above the mean over the rows (E ``[out, D]``)."""
     if rows.shape[0] == 0:
         return rows
     score = (rows @ e.T).norm(dim=1)
-    return rows[score >= score.mean()]
+    return rows[score > score.mean()]
 
 
-def augment(w: torch.Tensor, rows: torch.Tensor, config: SPEEDConfig, g: torch.Generator) -> torch.Tensor:
-    """DPA: ``rows`` plus ``dpa_copies`` noisy copies each, the noise in W's smallest right-singular directions."""
-    if rows.shape[0] == 0:
-        return rows
-    vh = torch.linalg.svd(w, full_matrices=True).Vh[-config.dpa_rank :]  # [r, D], smallest singular values
-    std = config.dpa_scale * rows.norm(dim=1).pow(2).mean().sqrt()
-    noise = torch.randn(config.dpa_copies, *rows.shape, generator=g, dtype=torch.float64) * std
-    noisy = rows + (noise @ vh.T) @ vh  # [copies, n, D]
-    return torch.cat([rows, noisy.reshape(-1, rows.shape[1])])
+def augment(
+    w: torch.Tensor, e: torch.Tensor, rows: torch.Tensor, copies: int, g: torch.Generator
+) -> torch.Tensor:
+    """DPA for one chunk ``[b, D]``: the influential ones among ``copies`` noisy copies, ``[m, D]``.
+
+    The noise is ``randn(copies, b, D)`` projected on v vᵀ, v the weakest right-singular vector of W ``[out, D]``
+    in the reduced SVD (for out < D, the weakest direction W still sees, not one it ignores).
+    """
+    v = torch.linalg.svd(w, full_matrices=False).Vh[-1:]  # [1, D]
+    noise = torch.randn(copies, *rows.shape, generator=g, dtype=torch.float64)
+    noisy = (rows + noise @ v.T @ v).reshape(-1, rows.shape[1])  # [copies * b, D]
+    return influence_filter(e, noisy)
 
 
-def null_projector(retain: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P ``[D, D]`` onto the eigenvectors of Σ c cᵀ (retain rows ``[n, D]``) with eigenvalue < threshold."""
-    d = retain.shape[1]
-    if retain.shape[0] == 0:
-        return torch.eye(d, dtype=torch.float64)
-    vals, vecs = torch.linalg.eigh(retain.T @ retain)
+def retain_gram(
+    w: torch.Tensor, e: torch.Tensor, rows: torch.Tensor, config: SPEEDConfig, g: torch.Generator
+) -> torch.Tensor:
+    """The mean retain Gram ``[D, D]`` after IPF and DPA (the authors' ``sum_ret_ret / valid_num``)."""
+    kept = influence_filter(e, rows) if config.ipf else rows
+    gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
+    count = 0
+    for i in range(0, kept.shape[0], CHUNK):
+        chunk = kept[i : i + CHUNK]
+        if config.dpa:
+            chunk = torch.cat([chunk, augment(w, e, chunk, config.dpa_copies, g)])
+        gram += chunk.T @ chunk
+        count += chunk.shape[0]
+    return gram / max(count, 1)
+
+
+def null_projector(gram: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P ``[D, D]`` onto the eigenvectors of ``gram`` with eigenvalue below ``threshold``."""
+    vals, vecs = torch.linalg.eigh(gram)
     small = vecs[:, vals < threshold]
     return small @ small.T
 
 
 def speed_delta(
-    w: torch.Tensor, stats: dict[str, torch.Tensor], config: SPEEDConfig, g: torch.Generator
+    w: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor],
+    rows: torch.Tensor,
+    k2: torch.Tensor,
+    config: SPEEDConfig,
+    g: torch.Generator,
 ) -> torch.Tensor:
-    """Δ ``[out, D]`` for one W, from ``stats`` = ``{"tt", "at": [D, D], "retain": [n, D], "k2": [D, k]}``."""
-    d = w.shape[1]
-    eye = torch.eye(d, dtype=torch.float64)
-    a = w @ (stats["at"] - stats["tt"])  # [out, D]
-    retain = stats["retain"]
-    if config.ipf or config.dpa:
-        e = a @ torch.linalg.inv(eye + stats["tt"])
-        kept = influence_filter(e, retain) if config.ipf else retain
-        retain = influence_filter(e, augment(w, kept, config, g)) if config.dpa else kept
-    p = null_projector(retain, config.null_threshold)
-    m = torch.linalg.inv(stats["tt"] @ p + config.alpha * eye)
+    """Δ ``[out, D]`` for one W from ``stats = (Σ_tt, Σ_at)``, the retain ``rows`` ``[n, D]`` and K2 ``[D, k]``."""
+    tt, at = stats
+    eye = torch.eye(w.shape[1], dtype=torch.float64)
+    a = w @ (at - tt)  # [out, D]
+    e = a @ torch.linalg.inv(eye + tt)
+    p = null_projector(retain_gram(w, e, rows, config, g), config.null_threshold)
+    m = torch.linalg.inv(tt @ p + config.alpha * eye)
     if not config.iec:
         return a @ p @ m
-    k2 = stats["k2"]
     inner = torch.linalg.pinv(k2.T @ p @ m @ k2 + config.lamb * torch.eye(k2.shape[1], dtype=torch.float64))
     return a @ p @ (eye - m @ k2 @ inner @ k2.T @ p) @ m
-
-
-def edit_statistics(
-    pipe: Any, concepts: list[str], config: SPEEDConfig, g: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """Σ_tt, Σ_at ``[D, D]``, the retain rows ``[n, D]`` and K2 ``[D, 1 + kmeans]`` (see the module docstring)."""
-    targets = prompt_rows(pipe, concepts)
-    anchors = prompt_rows(pipe, [config.anchor] * len(concepts), positions_of=concepts)
-    retain = prompt_rows(pipe, list(config.retain)) if config.retain else targets[:0]
-    null = sequence_embeddings(pipe, [""])[0]  # [77, D]
-    k2 = torch.cat([null[:1], kmeans(null[1:], config.kmeans, g)])  # [1 + k, D]
-    n = targets.shape[0]
-    return {"tt": targets.T @ targets / n, "at": anchors.T @ targets / n, "retain": retain, "k2": k2.T}
 
 
 def erase_speed(model: Any, concepts: list[str], config: SPEEDConfig) -> Patch:
@@ -168,14 +222,22 @@ def erase_speed(model: Any, concepts: list[str], config: SPEEDConfig) -> Patch:
     pipe = check_family(model, "speed")
     g = generator(config.seed)
     layers = kv_layers(pipe.unet, config.projections)
-    stats = edit_statistics(pipe, concepts, config, g)
-    new = {name: w + speed_delta(w, stats, config, g) for name, w in weights64(layers).items()}
+    stats = target_statistics(pipe, concepts, config)
+    k2 = null_constraints(pipe, config.kmeans, g)
+    rows = retain_rows(pipe, retain_texts(concepts, config), g)
+    new = {name: w + speed_delta(w, stats, rows, k2, config, g) for name, w in weights64(layers).items()}
     return weight_patch(model, layers, new)
 
 
 register(
     "speed",
     SPEEDConfig,
-    presets={"paper": {"style": {"anchor": "art"}, "object": {"anchor": ""}, "nsfw": {"anchor": ""}}},
+    presets={
+        "paper": {
+            "style": {"anchor": "art"},
+            "object": {"anchor": ""},
+            "nsfw": {"anchor": "", "target_rows": "all", "alpha": 0.7, "lamb": 0.5},
+        }
+    },
     summary="SPEED: closed-form attn2 edit in the null space of a retain set (IPF, DPA, IEC)",
 )(erase_speed)
