@@ -214,7 +214,6 @@ def test_uce_maps_erased_to_guide_and_keeps_preserved(model):
 @pytest.mark.parametrize("filters", [False, True])
 def test_speed_keeps_invariants_and_retain_and_moves_target_to_anchor(model, filters):
     from erasekit.methods.common import generator
-
     from erasekit.methods.speed import null_constraints
 
     pipe, retain = model.pipeline, ("a dog", "a house", "a tree")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 
 import pytest
 import torch
@@ -289,16 +288,19 @@ def test_concepts_off_the_grid_are_refused(model, tmp_path):
 # ---- the table -------------------------------------------------------------------------------------------
 
 
-def synthetic_cell(entry: str, concept: str, ua: float, seconds: float | None) -> Cell:
+def synthetic_cell(
+    entry: str, concept: str, ua: float, seconds: float | None, seeds: tuple[float, ...] = ()
+) -> Cell:
     scores = Scores(UA=ua, IRA=100 - ua / 2, CRA=90.0, UA_synonyms=ua - 10)
-    return Cell(entry=entry, parts=(), concept=concept, concept_type="style", scores=scores, erase_seconds=seconds,
-                peak_memory_mb=None if seconds is None else 2 * seconds)  # fmt: skip
+    per_seed = {str(188 + 100 * i): Scores(UA=v, IRA=100 - v / 2, CRA=90.0) for i, v in enumerate(seeds)}
+    return Cell(entry=entry, parts=(), concept=concept, concept_type="style", scores=scores, per_seed=per_seed,
+                erase_seconds=seconds, peak_memory_mb=None if seconds is None else 2 * seconds)  # fmt: skip
 
 
-def test_means_and_spreads_come_from_the_cells():
+def test_means_and_intervals_come_from_the_cells():
     concepts = {"style": ["neon", "pixel", "sketch"], "object": ["star", "cup"]}
     cells = [synthetic_cell("base", c, 5.0, None) for c in [*concepts["style"], *concepts["object"]]]
-    cells += [synthetic_cell("hirm-r:paper", c, ua, 3.0 + i) for i, (c, ua) in
+    cells += [synthetic_cell("hirm-r:paper", c, ua, 3.0 + i, (ua - 10, ua + 10)) for i, (c, ua) in
               enumerate(zip(concepts["style"], (60.0, 80.0, 100.0)))]  # fmt: skip
     cells += [synthetic_cell("hirm-r:paper", "star", 40.0, 2.0)]  # "cup" never finished
     board = Board(labels=("base", "hirm-r:paper", "advunlearn:paper"), concepts=concepts, cells=cells,
@@ -306,19 +308,41 @@ def test_means_and_spreads_come_from_the_cells():
                   failed={("hirm-r:paper", "cup"): "boom"})  # fmt: skip
     stats = aggregate(board)
     style = stats["hirm-r:paper"]["style"]
-    assert style["n"] == 3 and style["UA"] == pytest.approx((80.0, statistics.stdev([60.0, 80.0, 100.0])))
-    assert style["IRA"][0] == pytest.approx(60.0) and style["erase_seconds"] == pytest.approx((4.0, 1.0))
-    assert stats["hirm-r:paper"]["object"]["UA"] == (40.0, None) and stats["hirm-r:paper"]["object"]["n"] == 1
-    assert stats["base"]["style"]["erase_seconds"] == (None, None)
+    # the mean over concepts of the per-seed means; the interval resamples concepts and their seeds
+    assert style["n"] == 3 and style["UA"].mean == pytest.approx(80.0) and style["UA"].n == 3
+    assert 50.0 <= style["UA"].lo < 80.0 < style["UA"].hi <= 110.0
+    assert style["IRA"].mean == pytest.approx(60.0) and style["erase_seconds"].mean == pytest.approx(4.0)
+    obj = stats["hirm-r:paper"]["object"]
+    assert (obj["UA"].mean, obj["UA"].lo, obj["n"]) == (40.0, None, 1)  # one value: no interval
+    assert stats["base"]["style"]["erase_seconds"].mean is None
+    assert stats["base"]["style"]["UA"].fmt() == "5.0 [5.0, 5.0]"  # equal values: a point interval
     rows = {r[0]: r for r in table_rows(board, "style")}
-    assert rows["hirm-r:paper"][:4] == ["hirm-r:paper", "3/3", "80.0 ± 20.0", "60.0 ± 10.0"]
-    assert rows["base"][1:3] == ["3/3", "5.0 ± 0.0"] and rows["base"][-2:] == ["–", "–"]
+    ua = style["UA"]
+    assert rows["hirm-r:paper"][:3] == ["hirm-r:paper", "3/3", f"80.0 [{ua.lo:.1f}, {ua.hi:.1f}]"]
+    assert rows["base"][-2:] == ["–", "–"]
     assert rows["advunlearn:paper"][1] == "not run: 1000 iterations ≈ 40 min per concept"
     text = markdown(board)
-    assert "| hirm-r:paper | 1/2 | 40.0 |" in text  # objects: one of two finished, no spread
+    assert "| hirm-r:paper | 1/2 | 40.0 |" in text  # objects: one of two finished, no interval
     assert "**Partial:** 1 cell(s)" in text and "`hirm-r:paper` on cup (failed: boom)" in text
     assert text.index("## Styles: neon, pixel, sketch") < text.index("## Objects: star, cup")
     assert "```\nerasekit bench\n```" in text
+
+
+def test_bootstrap_intervals_cover_the_truth_about_95_percent_of_the_time():
+    import numpy as np
+
+    from erasekit.bench.stats import estimate
+
+    rng = np.random.default_rng(1)
+    covered = 0
+    trials = 300
+    for _ in range(trials):
+        concept_means = rng.normal(50.0, 10.0, size=8)  # 8 concepts, 2 seeds each around their concept's mean
+        groups = [rng.normal(m, 5.0, size=2) for m in concept_means]
+        est = estimate(groups, replicates=1000, seed=int(rng.integers(1 << 30)))
+        covered += est.lo <= 50.0 <= est.hi
+    # percentile intervals run a little narrow with 8 concepts; far from 95% would be a bug
+    assert 0.85 <= covered / trials <= 0.99, covered / trials
 
 
 def test_peak_memory_sees_an_allocation_inside_the_block():

@@ -41,11 +41,13 @@ class Strength:
         field: the config field (steps, lr, η, λ, an erase scale...).
         grid: 4-6 values, weakest to strongest where that has a meaning.
         preset: the preset the sweep starts from (the knob is overridden on top of it).
+        fixed: other ``(field, value)`` overrides every sweep point shares (e.g. RECE keeps its last round).
     """
 
     field: str
     grid: tuple[Any, ...]
     preset: str = "paper"
+    fixed: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if not 2 <= len(self.grid) <= 8 or len(set(map(repr, self.grid))) != len(self.grid):

@@ -104,7 +104,7 @@ def run_bench(
         bench.run([e for e in entries if e.label not in not_run], list(concepts)[shard[0] :: shard[1]])
     rows = [BASE, *labels]
     board = Board(labels=tuple(rows), concepts=by_kind, cells=layout.cells(rows, concepts), not_run=not_run,
-                  command=command, failed=bench.failures, notes=_notes(settings, concept_seed, model),
+                  command=command, failed=bench.failures, notes=notes_for(settings, concept_seed, model),
                   attacks=tuple(a.label for a in attacks),
                   attack_cells=layout.attack_cells(attacks, rows, concepts))  # fmt: skip
     atomic_write_text(layout.root / "leaderboard.md", markdown(board))
@@ -139,14 +139,24 @@ def check_concepts(concepts: Sequence[str], settings: BenchSettings, classifier:
     return by_kind
 
 
-def _notes(settings: BenchSettings, concept_seed: int | None, model: LoadedModel) -> tuple[str, ...]:
+def notes_for(
+    settings: BenchSettings, concept_seed: int | None, model: LoadedModel, stage: str | None = None
+) -> tuple[str, ...]:
+    """The lines under a board's title: model, concepts, evaluation settings, hardware, commit."""
     from erasekit.provenance import git_commit, hardware
 
     hw = hardware()
-    chosen = f"chosen at random with seed {concept_seed}" if concept_seed is not None else "chosen by hand"
+    if stage is not None:
+        chosen = f"the {stage} concepts of the split"
+    else:
+        chosen = (
+            f"chosen at random with seed {concept_seed}" if concept_seed is not None else "chosen by hand"
+        )
+    sampling = settings.sampling(model)
+    extra = "" if settings.generality else " (no generality images)"
     return (
-        f"Model `{model.source}`; concepts {chosen}; each erased alone, then the full grid evaluated with "
-        f"{settings.seeds} seed(s) per cell and {settings.sampling(model).steps} denoising steps.",
+        f"Model `{model.source}`; {chosen}; each erased alone, then the full grid evaluated with "
+        f"{settings.seeds} seed(s) per cell{extra}, {sampling.steps} denoising steps, guidance {sampling.guidance:g}.",
         f"Measured on {hw['cpus']} CPU core(s), {hw['torch_threads']} torch thread(s), {hw['machine']}; "
         f"erasekit commit {(git_commit() or 'unknown')[:10]}.",
     )

@@ -39,12 +39,15 @@ class BenchSettings:
         steps: denoising steps (``None``: the model's default).
         objects: restrict the evaluation grid to these objects (``None``: the classifier's).
         styles: restrict the evaluation grid to these styles (``None``: the classifier's).
+        generality: add the synonym and paraphrase images (the sweep leaves them out: its frontier needs UA,
+            IRA and CRA only).
     """
 
     seeds: int = 1
     steps: int | None = None
     objects: tuple[str, ...] | None = None
     styles: tuple[str, ...] | None = None
+    generality: bool = True
 
     def sampling(self, model: LoadedModel) -> Sampling:
         """The sampling every evaluation and attack of the bench uses: the model's, with these steps."""
@@ -173,7 +176,7 @@ class Bench:
         return evaluate(
             self.model, "minicanvas", run, patches=[patch] if patch is not None else [],
             sampling=s.sampling(self.model), batch_size=self.batch_size, classifier=self.classifier,
-            target=concept, seeds=s.seeds, objects=s.objects, styles=s.styles,
+            target=concept, seeds=s.seeds, objects=s.objects, styles=s.styles, generality=s.generality,
         )  # fmt: skip
 
     def run_attack_cell(self, attack: BenchAttack, entry: Entry, concept: str, kind: str) -> AttackCell:
@@ -221,26 +224,47 @@ class Bench:
         """
         from erasekit.concepts import guess_type
 
+        rows = [Entry(()), *entries]
+        self.progress = Progress(len(rows) * len(concepts) * (1 + len(self.attacks)), self.log)
         cells = []
-        for entry in [Entry(()), *entries]:
+        for entry in rows:
             for concept in concepts:
                 kind = guess_type(concept)
                 try:
                     cells.append(self.run_cell(entry, concept, kind))
                 except Exception as e:  # one broken method must not cost the other cells of a long run
                     self._failed(entry.label, concept, e)
+                    self.progress.step(1 + len(self.attacks))
                     continue
+                self.progress.step()
                 for attack in self.attacks:
                     try:
                         self.run_attack_cell(attack, entry, concept, kind)
                     except Exception as e:
                         self._failed(f"{entry.label} / {attack.label}", concept, e)
+                    self.progress.step()
         return cells
 
     def _failed(self, label: str, concept: str, e: Exception) -> None:
         reason = str(e) if isinstance(e, ErasekitError) else f"{type(e).__name__}: {e}"
         self.failures[(label, concept)] = reason
         self.say(f"FAILED {label} {concept!r}: {reason}")
+
+
+class Progress:
+    """Cells done out of all cells of a run, with the elapsed time and an estimate of the time left, logged."""
+
+    def __init__(self, total: int, log: Log | None) -> None:
+        self.total, self.done, self.log = total, 0, log
+        self.start = time.perf_counter()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        if self.log is None:
+            return
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        self.log(f"[{self.done}/{self.total} cells, {elapsed / 60:.1f} min, about {left / 60:.1f} min left]")
 
 
 def _pct(value: float | None) -> str:

@@ -23,12 +23,15 @@ class Part:
         preset: the preset the config starts from.
         overrides: ``((field, value), ...)`` applied on top of the preset.
         alias: the name shown instead of the preset and overrides (``tuned``).
+        typed: ``((concept_type, ((field, value), ...)), ...)``: overrides for one concept type only, applied
+            after ``overrides`` (a tuned setting is chosen per concept type).
     """
 
     method: str
     preset: str
     overrides: tuple[tuple[str, Any], ...] = ()
     alias: str | None = None
+    typed: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     @property
     def label(self) -> str:
@@ -41,17 +44,19 @@ class Part:
         """The method's config for one concept type."""
         from erasekit.registry import make_config
 
-        return make_config(self.method, self.preset, concept_type, **dict(self.overrides))
+        own = dict(self.typed).get(concept_type, ())
+        return make_config(self.method, self.preset, concept_type, **{**dict(self.overrides), **dict(own)})
 
     def to_json(self) -> dict[str, Any]:
         return {"method": self.method, "preset": self.preset, "overrides": [list(o) for o in self.overrides],
-                "alias": self.alias}  # fmt: skip
+                "alias": self.alias, "typed": {t: [list(o) for o in ov] for t, ov in self.typed}}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: Any) -> Part:
         if isinstance(data, Mapping):
+            typed = tuple((t, tuple(tuple(o) for o in ov)) for t, ov in (data.get("typed") or {}).items())
             return cls(data["method"], data["preset"], tuple(tuple(o) for o in data.get("overrides", ())),
-                       data.get("alias"))  # fmt: skip
+                       data.get("alias"), typed)  # fmt: skip
         return cls(data[0], data[1])  # written as [method, preset] by older versions
 
 

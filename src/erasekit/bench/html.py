@@ -59,12 +59,12 @@ def write_html(
     return path
 
 
-def _kind_section(board: Board, kind: str) -> list[str]:
+def _kind_section(board: Board, kind: str, prefix: str = "", chart: bool = True) -> list[str]:
     """The table, the chart and the attack table of one concept type."""
     header = ["method", "n", *(html.escape(h) for _, h, _ in COLUMNS)]
     rows = [[html.escape(c) for c in r] for r in table_rows(board, kind)]
-    out = [f"<h2>{kind.title()}s: {html.escape(', '.join(board.concepts[kind]))}</h2>", html_table(header, rows),
-           _chart(board, kind)]  # fmt: skip
+    out = [f"<h2>{prefix}{kind.title()}s: {html.escape(', '.join(board.concepts[kind]))}</h2>",
+           html_table(header, rows), _chart(board, kind) if chart else ""]  # fmt: skip
     if board.attacks:
         head = [html.escape(h) for h in attack_header(board)]
         attack_table = [[html.escape(c) for c in r] for r in attack_rows(board, kind)]
@@ -74,7 +74,7 @@ def _kind_section(board: Board, kind: str) -> list[str]:
 
 
 def _chart(board: Board, kind: str) -> str:
-    """Grouped bars of the mean percentages per entry, with the spread as error bars."""
+    """Grouped bars of the mean percentages per entry, with the 95% intervals as error bars."""
     stats = aggregate(board)
     labels = [label for label in board.run_labels() if stats[label][kind]["n"]]
     if not labels:
@@ -87,8 +87,10 @@ def _chart(board: Board, kind: str) -> str:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(labels) * len(PERCENT) / 2 + 3), 3.6), dpi=100)
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
-        means = [stats[label][kind][k][0] or 0.0 for k in PERCENT]
-        errs = [stats[label][kind][k][1] or 0.0 for k in PERCENT]
+        est = [stats[label][kind][k] for k in PERCENT]
+        means = [e.mean or 0.0 for e in est]
+        errs = [[max(0.0, (e.mean or 0) - e.lo) if e.lo is not None else 0.0 for e in est],
+                [max(0.0, e.hi - (e.mean or 0)) if e.hi is not None else 0.0 for e in est]]  # fmt: skip
         ax.bar([k + i * width for k in range(len(PERCENT))], means, width, yerr=errs, label=label, capsize=2)
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(PERCENT))], [h for k, h, _ in COLUMNS[:4]])
     ax.set_ylim(0, 105)
@@ -121,3 +123,57 @@ def _images(board: Board, out_dir: Path, concept: str) -> str:
     header = ["method", *(html.escape(f"{e['prompt']} (seed {e['seed']})") for e in shown)]
     title = f"Images: erasing {concept} (the first {len(spread(hit, IMAGES_PER_SET))} show the target)"
     return f"<h2>{html.escape(title)}</h2>" + html_table(header, rows)
+
+
+def write_protocol_html(
+    sweep: Board,
+    test: Board,
+    tuned: dict[str, Any],
+    split: Any,
+    seconds: float | None,
+    out_dir: Path,
+    frontier: bytes | None,
+    sheets: Mapping[str, bytes],
+    title: str = "MiniCanvas leaderboard",
+) -> Path:
+    """The protocol page (as :func:`~erasekit.bench.markdown.protocol_markdown`), with the frontier plot, the
+    attack sheets and image grids of the first test style and object."""
+    from erasekit.bench.markdown import protocol_lines
+    from erasekit.bench.protocol import RULE, tuned_setting
+
+    body = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(n)}</p>" for n in test.notes)]
+    if seconds is not None:
+        body.append(
+            f"<p>Wall time of the whole bench (every invocation added up): {seconds / 3600:.2f} h.</p>"
+        )
+    missing = len(test.missing()) + len(sweep.missing())
+    if missing:
+        body.append(f"<p><b>Partial:</b> {missing} cell(s) missing.</p>")
+    items = [
+        *(line.removeprefix("- ") for line in protocol_lines(split)),
+        f"Operating point (tuned): {RULE}.",
+    ]
+    body.append("<h2>Protocol</h2><ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>")
+    for kind in KINDS:
+        if test.concepts.get(kind):
+            body += _kind_section(test, kind, "Test ")
+    if tuned:
+        rows = [[html.escape(m), html.escape(tuned_setting(p))] for m, p in sorted(tuned.items())]
+        body += ["<h2>Tuned settings (chosen on dev)</h2>", html_table(["method", "setting"], rows)]
+    body.append("<h2>Dev sweep: UA–retention frontiers</h2>")
+    if frontier is not None:
+        body.append(f'<img class="chart" alt="UA against retention per method" src="{data_uri(frontier)}">')
+    for kind in KINDS:
+        if sweep.concepts.get(kind):
+            body += _kind_section(sweep, kind, "Dev ", chart=False)
+    for attack, png in sheets.items():
+        body += [f"<h2>Attack images: {html.escape(attack)}</h2><p>{html.escape(SHEET_NOTE)}</p>",
+                 f'<img alt="{html.escape(attack)} images" src="{data_uri(png)}">']  # fmt: skip
+    for kind in KINDS:
+        if test.concepts.get(kind):
+            body.append(_images(test, out_dir, test.concepts[kind][0]))
+    body += [f"<h2>Reproduce</h2><pre>{html.escape(test.command)}</pre>",
+             "<ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in MEANINGS) + "</ul>"]  # fmt: skip
+    path = out_dir / "report.html"
+    atomic_write_text(path, html_page(title, body))
+    return path

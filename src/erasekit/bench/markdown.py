@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from erasekit.bench.aggregate import (
     COLUMNS,
@@ -19,8 +20,10 @@ MEANINGS = (
     "IRA (in-domain retain accuracy): accuracy on the other concepts of the target's kind.",
     "CRA (cross-domain retain accuracy): accuracy on the concepts of the other kind.",
     "UA on synonyms: UA of images prompted with the target's synonyms (generality).",
-    "Each number is the mean ± sample standard deviation (n − 1) over the concepts of that kind; `n` says how "
-    "many of them finished.",
+    "Each number is the mean over the concepts of that kind (of each concept's mean over its evaluation seeds), "
+    "with its 95% bootstrap interval in brackets: concepts drawn with replacement, then each drawn concept's seeds "
+    "drawn with replacement, 2000 replicates (erasekit.bench.stats); `n` says how many concepts finished. Erase "
+    "time, memory and ASR have one value per concept, so their intervals are over concepts only.",
     "ASR (attack success rate): percent of the attack's generations the classifier labels as the erased "
     "concept (the attack's headline rule: see `erasekit attacks NAME`); the base row is the un-erased model's "
     "rate under the same attack.",
@@ -33,29 +36,74 @@ MEANINGS = (
 
 def markdown(board: Board, title: str = "MiniCanvas leaderboard") -> str:
     """The leaderboard as Markdown: status, one table per concept type, the command, what the numbers mean."""
-    lines = [f"# {title}", ""]
-    missing = board.missing()
-    if missing:
-        lines += [f"> **Partial:** {len(missing)} cell(s) did not finish: "
-                  + ", ".join(_missing(board, m, c) for m, c in missing) + ".", ""]  # fmt: skip
+    lines = [f"# {title}", "", *partial(board)]
     lines += [*board.notes, ""] if board.notes else []
+    lines += kind_sections(board, "##")
+    return "\n".join(lines + reproduce(board.command))
+
+
+def partial(board: Board) -> list[str]:
+    """A warning line naming the cells that did not finish (none when all did)."""
+    missing = board.missing()
+    if not missing:
+        return []
+    return [f"> **Partial:** {len(missing)} cell(s) did not finish: "
+            + ", ".join(_missing(board, m, c) for m, c in missing) + ".", ""]  # fmt: skip
+
+
+def kind_sections(board: Board, level: str, prefix: str = "") -> list[str]:
+    """Per concept type: the table and the attack table."""
+    lines: list[str] = []
     header = ["method", "n", *(h for _, h, _ in COLUMNS)]
     for kind in KINDS:
         if not board.concepts.get(kind):
             continue
-        lines += [f"## {kind.title()}s: {', '.join(board.concepts[kind])}", ""]
+        lines += [f"{level} {prefix}{kind.title()}s: {', '.join(board.concepts[kind])}", ""]
         lines += table(header, table_rows(board, kind))
         if board.attacks:
-            lines += [
-                f"### Attacks on the {kind}s (ASR %, mean ± std over the {kind}s)",
-                "",
-                attack_budgets(board),
-                "",
-            ]
+            lines += [f"{level}# Attacks on the {kind}s (ASR %, mean [95% interval] over the {kind}s)", "",
+                      attack_budgets(board), ""]  # fmt: skip
             lines += table(attack_header(board), attack_rows(board, kind))
-    lines += ["## Reproduce", "", "```", board.command, "```", "", "## What the numbers mean", ""]
-    lines += [f"- {m}" for m in MEANINGS] + [""]
-    return "\n".join(lines)
+    return lines
+
+
+def reproduce(command: str) -> list[str]:
+    lines = ["## Reproduce", "", "```", command, "```", "", "## What the numbers mean", ""]
+    return lines + [f"- {m}" for m in MEANINGS] + [""]
+
+
+def protocol_markdown(
+    sweep: Board, test: Board, tuned: dict[str, Any], split: Any, seconds: float | None,
+    title: str = "MiniCanvas leaderboard",
+) -> str:  # fmt: skip
+    """The protocol page: split, rule, test tables (paper and tuned rows), tuned settings, the dev sweep."""
+    from erasekit.bench.protocol import RULE, tuned_setting
+
+    lines = [f"# {title}", "", *partial(test), *partial(sweep)]
+    lines += [*test.notes, ""]
+    if seconds is not None:
+        lines += [f"Wall time of the whole bench (sweep, test and attacks, every invocation added up): "
+                  f"{seconds / 3600:.2f} h.", ""]  # fmt: skip
+    lines += ["## Protocol", "", *protocol_lines(split), f"- **Operating point** (`tuned`): {RULE}.", ""]
+    lines += kind_sections(test, "##", "Test ")
+    if tuned:
+        lines += ["## Tuned settings (chosen on dev)", ""]
+        lines += table(["method", "setting"], [[m, tuned_setting(p)] for m, p in sorted(tuned.items())])
+    lines += ["## Dev sweep: UA–retention frontiers", "", "![frontiers](frontier.png)", "", *sweep.notes, ""]
+    lines += kind_sections(sweep, "###", "Dev ")
+    return "\n".join(lines + reproduce(test.command))
+
+
+def protocol_lines(split: Any) -> list[str]:
+    """The split and the sweep grids, as list items."""
+    from erasekit.registry import METHODS
+
+    lines = [f"- **Split** (seed {split.seed}, erasekit.bench.protocol.split_concepts): dev "
+             f"{', '.join(split.dev)}; test {', '.join(split.test)}. Hyper-parameters are chosen on dev only."]  # fmt: skip
+    knobs = [(n, METHODS.get(n).strength) for n in METHODS.names()]
+    lines.append("- **Strength knobs** (swept on dev from the named preset): "
+                 + "; ".join(f"{n}: `{k.field}` in {list(k.grid)} from `{k.preset}`" for n, k in knobs if k) + ".")  # fmt: skip
+    return lines
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

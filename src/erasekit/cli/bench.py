@@ -14,7 +14,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="the MiniCanvas leaderboard: methods x concepts, means and spreads")
     add_model_arg(p)
     p.add_argument("--methods", required=True,
-                   help="comma-separated entries: method, method:preset, or a stack a+b (e.g. hirm-r+uce)")  # fmt: skip
+                   help="comma-separated entries: method, method:preset, or a stack a+b (e.g. hirm-r+uce); with "
+                        "--sweep, method names: each gets a paper and a tuned row")  # fmt: skip
+    p.add_argument("--sweep", action="store_true",
+                   help="the protocol: split the 24 concepts into dev and test, sweep each method's strength knob on "
+                        "dev, choose its tuned setting by the rule, report paper and tuned rows on test")  # fmt: skip
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the dev/test split (with --sweep)")
+    p.add_argument("--stacks", default=None,
+                   help="with --sweep: comma-separated stacks a+b, their parts at tuned unless a preset is named")  # fmt: skip
     p.add_argument("--presets", default=None,
                    help="comma-separated presets: one row per preset a method has (for methods named alone)")  # fmt: skip
     p.add_argument(
@@ -49,6 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
+    if args.sweep:
+        return run_protocol_command(args)
     from erasekit.bench import BenchSettings, parse_attacks, parse_entries, run_bench
     from erasekit.models.loading import load
 
@@ -74,6 +83,41 @@ def run_bench_command(args: argparse.Namespace) -> int:
         attacks=attacks,
     )  # fmt: skip
     missing = board.missing()
+    print(f"leaderboard: {args.out}/leaderboard.md, report: {args.out}/report.html"
+          + (f" (partial: {len(missing)} cell(s) missing)" if missing else ""))  # fmt: skip
+    return 1 if missing else 0
+
+
+def run_protocol_command(args: argparse.Namespace) -> int:
+    from erasekit.bench import BenchSettings, parse_attacks
+    from erasekit.bench.leaderboard import run_leaderboard
+    from erasekit.bench.protocol import split_concepts
+    from erasekit.models.loading import load
+    from erasekit.registry import METHODS
+
+    methods = [METHODS.get(m).name for m in _split(args.methods)]
+    if any(":" in m or "+" in m for m in _split(args.methods)):
+        raise ErasekitError("with --sweep, --methods takes method names; put stacks in --stacks")
+    if args.concepts or args.presets:
+        raise ErasekitError("--sweep chooses the concepts (the split) and the presets (paper, tuned) itself")
+    attacks = parse_attacks(_split(args.attacks), args.attack_budget, args.attack_seeds)
+    shard = _shard(args.shard)
+    if args.table_only and args.overwrite:
+        raise ErasekitError("--table-only reads the finished cells; --overwrite would delete them")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    model = load(args.model, device=args.device, allow_pickle=args.allow_pickle)
+    if model.pipeline is None:
+        raise ErasekitError(f"bench needs a full pipeline; {args.model} has only text encoders")
+    result = run_leaderboard(
+        model, args.out, methods, split_concepts(args.split_seed),
+        settings=BenchSettings(seeds=args.seeds, steps=args.steps), stacks=_split(args.stacks), attacks=attacks,
+        classifier=classifier_from(args), batch_size=args.batch_size, not_run=_not_run(args.not_run),
+        command=_command(args), overwrite=args.overwrite, shard=shard, run=not args.table_only, log=_log,
+    )  # fmt: skip
+    missing = result.test.missing() + result.sweep.missing()
     print(f"leaderboard: {args.out}/leaderboard.md, report: {args.out}/report.html"
           + (f" (partial: {len(missing)} cell(s) missing)" if missing else ""))  # fmt: skip
     return 1 if missing else 0
@@ -114,7 +158,10 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["erasekit", "bench", "--model", args.model, "--methods", args.methods]
     if args.presets:
         parts += ["--presets", args.presets]
-    if args.concepts:
+    if args.sweep:
+        parts += ["--sweep", "--split-seed", str(args.split_seed)]
+        parts += ["--stacks", args.stacks] if args.stacks else []
+    elif args.concepts:
         parts += ["--concepts", args.concepts]
     else:
         parts += [

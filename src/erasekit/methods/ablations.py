@@ -28,7 +28,7 @@ from erasekit.methods.hirm import HirmConfig, erase_hirm
 from erasekit.methods.hirm.config import presets as hirm_presets
 from erasekit.models.families import num_blocks
 from erasekit.patch import Patch
-from erasekit.registry import register
+from erasekit.registry import Strength, register
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,17 +70,20 @@ register(
     "hirm-ablate-block0",
     HirmConfig,
     presets=_presets(blocks=(0,), supervision="block:0"),
+    strength=Strength("steps", (5, 10, 20, 40, 80)),
     summary="HiRM ablation: update block 0 and supervise at block 0's output",
 )(erase_block0)
 register(
     "hirm-ablate-all",
     EveryBlockConfig,
     presets=_presets(supervision="attn_out:-1"),
+    strength=Strength("steps", (5, 10, 20, 40, 80)),
     summary="HiRM ablation: update every block, supervise at the last block",
 )(erase_all)
 register(
     "hirm-ablate-last",
     HirmConfig,
     presets=_presets(blocks=(-1,), supervision="attn_out:-1"),
+    strength=Strength("steps", (5, 10, 20, 40, 80)),
     summary="HiRM ablation: update the last block only, supervise at the last block",
 )(erase_last)

@@ -40,7 +40,7 @@ from erasekit.methods._closed_form import (
     world_kind_mates,
 )
 from erasekit.patch import Patch
-from erasekit.registry import register
+from erasekit.registry import Strength, register
 
 # prompt_augmentation's lists; the configs sample 30 of indices 0..29 (prompt_len 30), so the 31st never appears.
 OBJECT_TEMPLATES = (
@@ -214,5 +214,6 @@ register(
             },
         }
     },  # fmt: skip
+    strength=Strength("lamb", (1e5, 1e4, 1e3, 100.0, 0.0)),
     summary="MACE's closed-form refinement stage alone (no LoRA/segmenter stage): remap words around the concept",
 )(erase_mace_cfr)

@@ -42,7 +42,7 @@ from erasekit.methods._closed_form import (
 from erasekit.methods.common import check_choice, check_positive
 from erasekit.methods.uce import erase_rows, preserve_gram, preserve_prompts, uce_weights
 from erasekit.patch import Patch
-from erasekit.registry import register
+from erasekit.registry import Strength, register
 
 SELECT = ("last", "lowest-rate")
 #: ``detector(patch) -> rate``: how often the edited model still shows the concept (lower is better).
@@ -207,5 +207,6 @@ register(
             "nsfw": {"guide": "", "rounds": 3, "reg": 0.1, "select": "lowest-rate"},
         }
     },
+    strength=Strength("rounds", (0, 1, 2, 3, 5), fixed=(("select", "last"),)),
     summary="RECE: UCE plus rounds that derive and erase the embedding still regenerating the concept",
 )(erase_rece)

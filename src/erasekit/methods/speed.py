@@ -47,7 +47,7 @@ from erasekit.methods._closed_form import (
 )
 from erasekit.methods.common import check_choice, check_positive, generator
 from erasekit.patch import Patch
-from erasekit.registry import register
+from erasekit.registry import Strength, register
 
 TARGET_ROWS = ("last", "all")
 CHUNK = 128  # the authors' chunk of retain rows; DPA's filter compares within a chunk
@@ -239,5 +239,6 @@ register(
             "nsfw": {"anchor": "", "target_rows": "all", "alpha": 0.7, "lamb": 0.5},
         }
     },
+    strength=Strength("alpha", (300.0, 100.0, 30.0, 10.0, 3.0, 1.0)),
     summary="SPEED: closed-form attn2 edit in the null space of a retain set (IPF, DPA, IEC)",
 )(erase_speed)

@@ -40,7 +40,7 @@ from erasekit.methods._closed_form import (
 )
 from erasekit.methods.common import check_choice, check_positive
 from erasekit.patch import Patch
-from erasekit.registry import register
+from erasekit.registry import Strength, register
 
 ROWS = ("last", "sequence")
 
@@ -174,5 +174,6 @@ register(
             "nsfw": {"guide": "", "preserve_scale": 1.0},
         },
     },
+    strength=Strength("erase_scale", (0.001, 0.003, 0.01, 0.03, 0.1, 1.0)),
     summary="UCE: closed-form edit of attn2 to_k/to_v mapping the concept onto a guide, preserving others",
 )(erase_uce)

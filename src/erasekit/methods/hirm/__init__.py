@@ -18,7 +18,7 @@ from erasekit.errors import ErasekitError
 from erasekit.methods.hirm.config import HIRM_R_DEFAULT, HirmConfig, HirmSConfig, presets
 from erasekit.methods.hirm.train import TrainResult, trained
 from erasekit.patch import Patch
-from erasekit.registry import register
+from erasekit.registry import Strength, register
 
 if TYPE_CHECKING:
     from erasekit.models.loading import LoadedModel
@@ -67,6 +67,7 @@ def _check_target(config: HirmConfig, method: str, target: str) -> None:
     HirmConfig,
     presets=presets(coefficient=5000.0, default_changes=HIRM_R_DEFAULT),
     default_preset="default",
+    strength=Strength("steps", (5, 10, 20, 40, 80), preset="default"),
     summary="HiRM-R: train CLIP block 0 so the concept's last-block representation hits a random vector",
 )
 def erase_hirm_r(model: LoadedModel, concepts: Sequence[str], config: HirmConfig) -> Patch:
@@ -80,6 +81,7 @@ def erase_hirm_r(model: LoadedModel, concepts: Sequence[str], config: HirmConfig
     HirmSConfig,
     presets=presets(coefficient=1.0),
     default_preset="default",
+    strength=Strength("steps", (10, 20, 40, 80, 160), preset="default"),
     summary="HiRM-S: train CLIP block 0 so the concept's last-block representation becomes a super-category's",
 )
 def erase_hirm_s(model: LoadedModel, concepts: Sequence[str], config: HirmConfig) -> Patch:

@@ -1,0 +1,116 @@
+"""The leaderboard protocol: the dev/test split, the operating-point rule, sweeps and tuned rows end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from erasekit.bench import BenchSettings, parse_attacks
+from erasekit.bench.entries import Part
+from erasekit.bench.leaderboard import leaderboard_rows, run_leaderboard
+from erasekit.bench.protocol import Point, Split, operating_point, read_tuned, split_concepts, sweep_parts
+from erasekit.errors import ErasekitError
+from erasekit.minicanvas.world import OBJECT_NAMES, STYLE_NAMES
+from tests.fixtures.evaluation_tiny import OBJECTS, STYLES, fake_classifier, one_thread, tiny_model  # noqa: F401
+
+GRID = BenchSettings(seeds=2, steps=2, objects=OBJECTS, styles=STYLES)
+
+
+def test_the_split_is_seeded_disjoint_and_covers_every_concept():
+    split = split_concepts(0)
+    assert split == split_concepts(0) and split != split_concepts(1)
+    assert set(split.dev) | set(split.test) == set(STYLE_NAMES + OBJECT_NAMES)
+    assert not set(split.dev) & set(split.test)
+    assert sum(c in STYLE_NAMES for c in split.dev) == 4 and sum(c in OBJECT_NAMES for c in split.dev) == 4
+
+
+def _point(ua, ira, cra, v):
+    return Point(Part("uce", "paper", (("erase_scale", v),)), ua, ira, cra)
+
+
+def test_the_operating_point_follows_the_written_rule():
+    weak, mid, strong = _point(10, 99, 90, 0.01), _point(70, 96, 86, 0.1), _point(95, 80, 70, 1.0)
+    # base IRA 100, CRA 90: strong loses 20 points, so the best UA within 5 points is mid
+    assert operating_point([weak, mid, strong], 100.0, 90.0) is mid
+    # nothing keeps both within 5 points: the best UA + mean retention
+    worse = [_point(50, 60, 60, 0.1), _point(90, 50, 40, 1.0)]
+    assert operating_point(worse, 100.0, 90.0) is worse[1]  # 90 + 45 > 50 + 60
+    # ties go to the weaker end of the grid
+    twins = [_point(70, 99, 90, 0.01), _point(70, 99, 90, 0.1)]
+    assert operating_point(twins, 100.0, 90.0) is twins[0]
+    with pytest.raises(ErasekitError, match="no finished sweep point"):
+        operating_point([], 100.0, 90.0)
+
+
+def test_sweep_parts_follow_the_methods_knob():
+    parts = sweep_parts("rece")
+    assert [dict(p.overrides)["rounds"] for p in parts] == [0, 1, 2, 3, 5]
+    assert all(dict(p.overrides)["select"] == "last" for p in parts)
+    assert parts[1].config("style").rounds == 1 and parts[1].label == "rece:paper[select=last,rounds=1]"
+    assert sweep_parts("advunlearn") == [] or sweep_parts("advunlearn")[0].method == "advunlearn"
+
+
+def test_tuned_rows_and_stacks_wait_for_the_sweep():
+    assert [e.label for e in leaderboard_rows(["uce"], ["hirm-r+uce"], {})] == ["uce:paper"]
+    tuned = {"uce": Part("uce", "paper", (), "tuned", (("style", (("erase_scale", 0.1),)),))}
+    rows = [e.label for e in leaderboard_rows(["uce"], ["hirm-r+uce", "hirm-r:paper+uce:paper"], tuned)]
+    assert rows == ["uce:paper", "uce:tuned", "hirm-r:default+uce:tuned", "hirm-r:paper+uce:paper"]
+    from erasekit.bench.entries import parse_entries
+
+    with pytest.raises(ErasekitError, match="no tuned setting yet"):
+        parse_entries(["uce:tuned"], (), {})
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory):
+    model = tiny_model()
+    out = tmp_path_factory.mktemp("protocol") / "lb"
+    split = Split(0, dev=("neon", "star"), test=("pixel", "circle"))
+    attacks = parse_attacks(["encoder-swap"], ["prompts=1"], seeds=1)
+    result = run_leaderboard(model, out, ["uce"], split, settings=GRID, stacks=["hirm-r+uce"], attacks=attacks,
+                             classifier=fake_classifier(), batch_size=16, command="erasekit bench ...")  # fmt: skip
+    return out, result
+
+
+def test_the_sweep_chooses_tuned_on_dev_and_the_test_shows_both(board):
+    out, result = board
+    sweep_labels = {c.entry for c in result.sweep.cells}
+    assert len(sweep_labels) == 1 + 6 and {c.concept for c in result.sweep.cells} == {"neon", "star"}
+    tuned = read_tuned(out)["uce"]
+    data = json.loads((out / "tuned.json").read_text())
+    chosen = {k: v["part"]["overrides"] for k, v in data["methods"]["uce"].items()}
+    assert dict(tuned.typed) == {k: tuple(tuple(o) for o in v) for k, v in chosen.items()}
+    # the choice is the rule applied to the dev means it records
+    for kind, row in data["methods"]["uce"].items():
+        grid = [_point(p["UA"], p["IRA"], p["CRA"], i) for i, p in enumerate(row["grid"])]
+        best = operating_point(grid, data["base"][kind]["IRA"], data["base"][kind]["CRA"])
+        assert row["grid"][best.part.overrides[0][1]]["label"] == row["dev"]["label"]
+    labels = {c.entry for c in result.test.cells}
+    assert labels == {"base", "uce:paper", "uce:tuned", "hirm-r:default+uce:tuned"}
+    assert {c.concept for c in result.test.cells} == {"pixel", "circle"}
+    assert all(len(c.per_seed) == 2 for c in result.test.cells)  # two evaluation seeds per cell
+    text = (out / "leaderboard.md").read_text()
+    for needle in ("## Protocol", "## Test Styles: pixel", "## Tuned settings", "uce: `erase_scale`",
+                   "![frontiers](frontier.png)", "Wall time of the whole bench"):  # fmt: skip
+        assert needle in text, needle
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert "UA against retention" in (out / "report.html").read_text()
+    attacked = {c.entry for c in result.test.attack_cells}
+    assert attacked == labels  # attacks run on the paper, tuned and stacked rows alike
+
+
+def test_a_rerun_resumes_without_work(board, monkeypatch):
+    import erasekit.evaluation.protocols as protocols
+    import erasekit.registry as registry
+
+    out, result = board
+    monkeypatch.setattr(registry, "erase", lambda *a, **k: pytest.fail("erased again"))
+    monkeypatch.setattr(protocols, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    split = Split(0, dev=("neon", "star"), test=("pixel", "circle"))
+    again = run_leaderboard(tiny_model(), out, ["uce"], split, settings=GRID, stacks=["hirm-r+uce"],
+                            attacks=parse_attacks(["encoder-swap"], ["prompts=1"], seeds=1),
+                            classifier=fake_classifier(), command="erasekit bench ...")  # fmt: skip
+    assert {c.entry for c in again.test.cells} == {c.entry for c in result.test.cells}
+    sessions = json.loads((out / "timing.json").read_text())["sessions"]
+    assert len(sessions) == 2
