@@ -9,7 +9,7 @@ with learned embedding rows for its placeholder tokens) that the runner generate
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,12 +96,17 @@ class AttackTarget:
         patch: the erasure under attack (all ``--patch`` composed), or ``None`` for the base model itself.
         prompts: the prompt set, already cut to the budget's ``prompts``.
         sampling: the run's sampling settings.
+        judge: ``judge(candidates) -> [succeeded]``, one verdict per candidate: it generates each candidate once
+            with the run's first seed on the model *as it is when called* (call it inside :meth:`erased` to judge
+            the erased model) and asks the run's detector. ``None`` when there is no detector (a model without a
+            pipeline, or a test); attacks that stop at the first success then run their whole schedule.
     """
 
     model: Any
     patch: Any | None
     prompts: PromptSet
     sampling: SamplingPlan
+    judge: Callable[[Sequence[Candidate]], list[bool]] | None = None
 
     @contextlib.contextmanager
     def erased(self) -> Iterator[Any]:

@@ -21,7 +21,7 @@ from typing import Any
 from erasekit.attacks import budget_dict, get_attack, make_budget
 from erasekit.attacks.base import AttackResult, AttackTarget, SamplingPlan
 from erasekit.attacks.concepts import guess_type, prompt_set
-from erasekit.attacks.scoring import build_detector, generate_rows, image_rows, judge_rows
+from erasekit.attacks.scoring import build_detector, candidate_judge, generate_rows, image_rows, judge_rows
 from erasekit.errors import ErasekitError
 from erasekit.io import atomic_write_json, atomic_write_text, check_output_dir, output_dir
 
@@ -80,7 +80,8 @@ def run_attack(
         detector = build_detector(
             prompts, classifier=classifier, nudenet_preset=nudenet_preset, nudenet=nudenet
         )
-    target = AttackTarget(model=model, patch=patch, prompts=prompts, sampling=plan)
+    judge = candidate_judge(model, detector, plan, batch_size) if detector else None
+    target = AttackTarget(model=model, patch=patch, prompts=prompts, sampling=plan, judge=judge)
     with output_dir(out, overwrite) as tmp:
         start = time.perf_counter()
         result = spec.fn(target, config)

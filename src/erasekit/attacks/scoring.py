@@ -103,8 +103,11 @@ def generate_rows(
     plan: SamplingPlan,
     out: Path,
     batch_size: int = 8,
+    progress: bool = True,
 ) -> None:
-    """Generate every row's image into ``out/images`` with ``patch`` applied (fingerprint-checked), then removed."""
+    """Generate every row's image into ``out/images`` with ``patch`` applied (fingerprint-checked), then removed.
+
+    ``patch=None`` generates with the model as it is; ``progress`` shows a progress bar (runtime only)."""
     from erasekit.generation import save_png, to_uint8
 
     pipe = model.require_pipeline()
@@ -112,7 +115,7 @@ def generate_rows(
     use_embeds = any(c.embedding is not None for c in candidates)
     starts = range(0, len(rows), batch_size)
     with patch.applied(model) if patch is not None else contextlib.nullcontext(), torch.no_grad():
-        for start in track(starts, desc="generating", total=len(starts)):
+        for start in track(starts, desc="generating", total=len(starts)) if progress else starts:
             batch = rows[start : start + batch_size]
             cond = _conditioning(pipe, [candidates[r["candidate"]] for r in batch], use_embeds)
             images = pipe(
@@ -142,6 +145,25 @@ def _conditioning(pipe: Any, cands: Sequence[Candidate], use_embeds: bool) -> di
     prompt_embeds = torch.cat(embeds)
     negative = encode_prompts(pipe, [""]).expand_as(prompt_embeds)
     return {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}
+
+
+def candidate_judge(
+    model: Any, detector: Detector, plan: SamplingPlan, batch_size: int = 8
+) -> Callable[[Sequence[Candidate]], list[bool]]:
+    """An :attr:`~erasekit.attacks.base.AttackTarget.judge`: generate candidates with the plan's first seed on
+    the model as it is (no patch applied or removed), into a temporary folder, and return the detector's verdicts."""
+    import dataclasses
+    import tempfile
+
+    first = dataclasses.replace(plan, seeds=plan.seeds[:1])
+
+    def judge(candidates: Sequence[Candidate]) -> list[bool]:
+        rows = image_rows(candidates, first)
+        with tempfile.TemporaryDirectory(prefix="erasekit-judge-") as tmp:
+            generate_rows(model, None, candidates, rows, first, Path(tmp), batch_size, progress=False)
+            return judge_rows(detector, rows, Path(tmp))
+
+    return judge
 
 
 def judge_rows(detector: Detector, rows: Sequence[dict[str, Any]], out: Path) -> list[bool]:
