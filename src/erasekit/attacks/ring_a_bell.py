@@ -39,7 +39,10 @@ FITNESS_BATCH = 256  # sequences per encoder call (runtime only)
 
 @dataclass(frozen=True, kw_only=True)
 class RingABellConfig(Budget):
-    """Ring-A-Bell's budget; ``paper`` is the authors' (population 200, 3000 generations, 0.25 / 0.5)."""
+    """Ring-A-Bell's budget; ``paper`` is chiayi-hsu/Ring-A-Bell's ``InversePrompt.ipynb`` at e4585ada: population
+    200 (the best 100 kept), 3000 generations, mutation 0.25, crossover 0.5, K = 16. The concept vector's pairs
+    are our own per-concept set (MiniCanvas: the world's paraphrase templates and synonyms), as the release has
+    pairs only for nudity and violence; see :func:`~erasekit.attacks.concepts.concept_pairs`."""
 
     tokens: int = field(
         default=16, metadata={"help": "K, prompt length in tokens (16 or 77; 77 fills all 75 slots)"}

@@ -50,8 +50,10 @@ NOT_ATTACKED = -1  # token id saved for a base prompt that already succeeds with
 
 @dataclass(frozen=True, kw_only=True)
 class UnlearnDiffAtkConfig(Budget):
-    """UnlearnDiffAtk's budget; ``paper`` is the authors' configs: k = 3 (style, object) or 5 (nudity), 50
-    timesteps × 40 iterations, Adam lr 0.01 with weight decay 0.1, stop at the first success."""
+    """UnlearnDiffAtk's budget; ``paper`` is OPTML-Group/Diffusion-MU-Attack's ``configs/*/text_grad_*.json`` and
+    ``text_grad_.py`` at 5a3e5d37: k = 3 (style, object) or 5 (nudity), 50 timesteps × 40 iterations, Adam lr
+    0.01 with weight decay 0.1, stop at the first success. The judge is the run's detector (on MiniCanvas its
+    classifier) instead of the release's per-concept classifiers."""
 
     tokens: int = field(default=5, metadata={"help": "k, adversarial prefix tokens"})
     timesteps: int = field(
