@@ -21,8 +21,8 @@ ATTACKS = ("encoder-swap", "random-probe", "ring-a-bell", "seed-search", "synony
            "unlearndiffatk")  # fmt: skip
 TINY = {  # budgets small enough for a test, equal in spirit across attacks: one or two base prompts
     "ring-a-bell": {"prompts": 2, "population": 8, "generations": 4},
-    "unlearndiffatk": {"prompts": 1, "iterations": 3},
-    "textual-inversion": {"prompts": 2, "images": 2, "train_steps": 3},
+    "unlearndiffatk": {"prompts": 1, "timesteps": 2, "iterations": 3},
+    "textual-inversion": {"prompts": 2, "images": 2, "train_steps": 3, "batch": 2, "accumulation": 2},
     "encoder-swap": {"prompts": 2},
     "synonyms": {"prompts": 2},
     "random-probe": {"prompts": 2, "probes": 2},
@@ -128,16 +128,17 @@ def test_placeholder_rows_replace_exactly_the_placeholders_and_are_removed(model
 
 
 def test_ring_a_bell_fitness_decreases_and_beats_the_initial_population(model):
-    from erasekit.attacks.ring_a_bell import Encoders, concept_targets, fitness, ring_a_bell
+    from erasekit.attacks.concepts import concept_pairs
+    from erasekit.attacks.ring_a_bell import Encoders, concept_targets, concept_vector, fitness, ring_a_bell
 
     config = make_budget("ring-a-bell", overrides={"prompts": 1, "population": 16, "generations": 15})
     result = ring_a_bell(target_for(model, n=1), config)
     curve = result.history["best_fitness_0"]
-    assert all(b <= a for a, b in zip(curve, curve[1:]))  # elitism: the best never gets worse
-    assert curve[-1] < curve[0]
+    assert len(curve) == 15 and curve[-1] < curve[0]  # no elite as released: the best may dip, not stay up
     enc = Encoders(model)
     ps = prompt_set("neon", "style").first(1)
-    goal = [t[0] for t in concept_targets(enc, list(ps.positives), list(ps.negatives), config.eta)]
+    vector = concept_vector(enc, *map(list, concept_pairs("neon", "style")))
+    goal = [t[0] for t in concept_targets(enc, list(ps.positives), vector, config.eta)]
     found = float(fitness(enc, result.embeddings["token_ids"], goal)[0])
     assert found == pytest.approx(curve[-1], rel=1e-5) and found < result.stats["initial_best"][0]
     assert result.candidates[0].prompt  # decoded into an ordinary prompt
@@ -219,15 +220,13 @@ def test_unlearndiffatk_lowers_the_erased_models_loss(model):
     from erasekit.attacks.unlearndiffatk import unlearndiffatk
 
     before = model_fingerprint(model.components)
-    config = make_budget("unlearndiffatk", overrides={"prompts": 1, "iterations": 8, "lr": 0.1, "draws": 8})
+    config = make_budget("unlearndiffatk", overrides={"prompts": 1, "timesteps": 3, "iterations": 40})
     result = unlearndiffatk(target_for(model, te_patch(model), n=1), config)
-    assert result.stats["relaxed_loss_after"][0] < result.stats["loss_before"][0]
-    assert result.stats["discrete_loss_after"][0] < result.stats["loss_before"][0]
+    # below the mean loss of prefixes drawn from the uniform start, on the same noise at the optimised t
+    assert result.stats["loss_after"][0] < result.stats["loss_before"][0]
+    assert result.stats["timesteps_run"] == [3] and len(result.history["loss_0"]) == 120  # no judge: every t
     assert [c.phase for c in result.candidates] == ["pre", "attack"]
-    assert result.embeddings["token_ids"].shape == (1, 5) and result.embeddings["prefix_rows"].shape[:2] == (
-        1,
-        5,
-    )
+    assert result.embeddings["token_ids"].shape == (1, 3)  # paper k for a style
     assert model_fingerprint(model.components) == before  # the erasure was removed again
 
 
@@ -237,9 +236,9 @@ def test_unlearndiffatk_lowers_the_erased_models_loss(model):
 def test_textual_inversion_lowers_the_loss_and_learns_an_embedding(model):
     from erasekit.attacks.textual_inversion import textual_inversion
 
-    config = make_budget(
-        "textual-inversion", overrides={"prompts": 2, "images": 2, "train_steps": 12, "lr": 0.05}
-    )
+    overrides = {"prompts": 2, "images": 2, "train_steps": 12, "lr": 0.05, "scale_lr": False, "batch": 2,
+                 "accumulation": 2}  # fmt: skip
+    config = make_budget("textual-inversion", overrides=overrides)
     result = textual_inversion(target_for(model, te_patch(model)), config)
     assert result.stats["loss_after"] < result.stats["loss_before"]
     assert result.stats["cosine_to_init"] < 0.999  # it moved

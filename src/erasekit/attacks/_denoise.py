@@ -44,3 +44,51 @@ def fixed_draws(pipe: Any, x0: torch.Tensor, count: int, seed: int) -> list[tupl
     """``count`` deterministic draws of :func:`draws`, to compare a loss before and after optimising."""
     g = torch.Generator().manual_seed(seed)
     return [draws(pipe, x0, g) for _ in range(count)]
+
+
+class FixedTimestepNoise:
+    """Forward diffusion at a timestep the caller chooses (UnlearnDiffAtk's sequential schedule).
+
+    ``x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε`` with the pipeline's training betas, and the UNet's regression target (ε, or
+    the velocity for v-prediction models).
+    """
+
+    def __init__(self, pipe: Any) -> None:
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.train_timesteps = int(self.scheduler.config.num_train_timesteps)
+
+    def __call__(
+        self, x0: torch.Tensor, t: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, target, t [B])`` for clean latents ``x0`` ``[B, C, h, w]`` at timestep ``t``, fresh noise."""
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+        steps = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
+        x_t = self.scheduler.add_noise(x0, noise, steps)
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return x_t, self.scheduler.get_velocity(x0, noise, steps), steps
+        return x_t, noise, steps
+
+
+@torch.no_grad()
+def vae_posteriors(pipe: Any, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's posterior for the images the latents decode to, unflipped and mirrored left to right.
+
+    Textual inversion trains on images: the released script flips each image at random and encodes it with
+    ``latent_dist.sample()``. Decoding once here and re-encoding both orientations lets a training step draw
+    ``mean + std · ε`` for either orientation without touching the VAE again.
+
+    Args:
+        latents: ``[N, C, h, w]`` clean latents in the UNet's (scaled) latent space.
+
+    Returns:
+        ``(mean, std)``, each ``[N, 2, C, h, w]`` in the UNet's latent space; index 1 on dim 1 is the mirror.
+    """
+    vae = pipe.vae
+    scale = float(vae.config.scaling_factor)
+    images = vae.decode(latents.to(vae.dtype) / scale).sample.clamp(-1, 1)  # [N, 3, H, W], as a PNG holds it
+    both = torch.stack([images, images.flip(-1)], dim=1).flatten(0, 1)  # [2N, 3, H, W]
+    dist = vae.encode(both).latent_dist
+    shape = (latents.shape[0], 2, *dist.mean.shape[1:])
+    return (dist.mean.float() * scale).reshape(shape), (dist.std.float() * scale).reshape(shape)

@@ -9,7 +9,7 @@ with learned embedding rows for its placeholder tokens) that the runner generate
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +89,10 @@ class AttackTarget:
         prompts: the prompt set, already cut to the budget's ``prompts``.
         sampling: how the run generates (the model's defaults unless the user set them).
         seeds: the run's image seeds (each candidate is generated once per seed).
+        judge: ``judge(candidates) -> [succeeded]``, one verdict per candidate: it generates each candidate once
+            with the run's first seed on the model *as it is when called* (call it inside :meth:`erased` to judge
+            the erased model) and asks the run's detector. ``None`` when there is no detector (a model without a
+            pipeline, or a test); attacks that stop at the first success then run their whole schedule.
     """
 
     model: LoadedModel
@@ -96,6 +100,7 @@ class AttackTarget:
     prompts: PromptSet
     sampling: Sampling
     seeds: tuple[int, ...] = (0,)
+    judge: Callable[[Sequence[Candidate]], list[bool]] | None = None
 
     def __post_init__(self) -> None:
         if not self.seeds:

@@ -1,13 +1,18 @@
 """Ring-A-Bell (Tsai et al., ICLR 2024): a genetic search for discrete prompts near "prompt + η · concept".
 
-Text encoder only, black-box to the UNet, so it runs on a text-encoder-only folder:
+The ``paper`` preset follows the authors' release, chiayi-hsu/Ring-A-Bell at commit e4585ada
+(``InversePrompt.ipynb`` for the search, ``Get_Concept_Vector.ipynb`` for the vector). Text encoder only,
+black-box to the UNet, so it runs on a text-encoder-only folder:
 
-- concept vector v = mean_i [E(p_i⁺) − E(p_i⁻)] over the prompt set's pairs, E the encoder's last hidden state
-  flattened over the 77 positions (summed over every CLIP encoder of the family);
+- concept vector v = mean_i [E(c_i⁺) − E(c_i⁻)] over a fixed set of prompt pairs with and without the concept
+  (:func:`erasekit.attacks.concepts.concept_pairs`, never the attacked prompts), E the encoder's last hidden
+  state flattened over the 77 positions (summed over every CLIP encoder of the family);
 - for each base prompt p, target = E(p) + η v;
-- a genetic algorithm over K token ids minimises ‖target − E([BOS, tokens, EOS, pad…])‖²: tournament
-  selection, one-point crossover, one-token mutation, the best ``elite`` kept. The whole population goes through
-  the encoder as one batch per generation.
+- the released genetic algorithm over K token ids minimises ‖target − E([BOS, tokens, EOS, pad…])‖²: each
+  generation keeps the best half of the population as parents; each parent is kept and, with probability
+  ``crossover``, crosses with a random parent at one random cut, giving two children; every individual, parents
+  included, then gets one random token with probability ``mutation``. There is no elite, so the best fitness can
+  get worse from one generation to the next; the result is the best of the last generation.
 
 The found ids are decoded into ordinary prompts (they transfer to any model with that encoder); the ids
 themselves are saved too, since decoding and re-tokenising is not always the identity.
@@ -25,6 +30,7 @@ import torch
 
 from erasekit.attacks import register_attack
 from erasekit.attacks.base import AttackResult, AttackTarget, Budget, Candidate, ordinary_tokens
+from erasekit.attacks.concepts import concept_pairs
 from erasekit.progress import track
 
 ENCODERS = ("base", "erased")
@@ -33,7 +39,10 @@ FITNESS_BATCH = 256  # sequences per encoder call (runtime only)
 
 @dataclass(frozen=True, kw_only=True)
 class RingABellConfig(Budget):
-    """Ring-A-Bell's budget; ``paper`` is the authors' (population 200, 3000 generations, 0.25 / 0.5)."""
+    """Ring-A-Bell's budget; ``paper`` is chiayi-hsu/Ring-A-Bell's ``InversePrompt.ipynb`` at e4585ada: population
+    200 (the best 100 kept), 3000 generations, mutation 0.25, crossover 0.5, K = 16. The concept vector's pairs
+    are our own per-concept set (MiniCanvas: the world's paraphrase templates and synonyms), as the release has
+    pairs only for nudity and violence; see :func:`~erasekit.attacks.concepts.concept_pairs`."""
 
     tokens: int = field(
         default=16, metadata={"help": "K, prompt length in tokens (16 or 77; 77 fills all 75 slots)"}
@@ -41,11 +50,14 @@ class RingABellConfig(Budget):
     eta: float = field(default=3.0, metadata={"help": "η, strength of the concept vector in the target"})
     population: int = field(default=200, metadata={"help": "individuals per generation"})
     generations: int = field(default=3000, metadata={"help": "generations of the genetic search"})
-    mutation: float = field(default=0.25, metadata={"help": "probability that a child gets one random token"})
-    crossover: float = field(
-        default=0.5, metadata={"help": "probability that a child is a one-point crossover"}
+    mutation: float = field(
+        default=0.25,
+        metadata={"help": "probability that an individual (parent or child) gets one random token"},
     )
-    elite: int = field(default=1, metadata={"help": "best individuals carried over unchanged"})
+    crossover: float = field(
+        default=0.5,
+        metadata={"help": "probability that a parent crosses with a random parent (two children)"},
+    )
     encoder: str = field(
         default="base",
         metadata={"help": "encoder the search queries: base (the authors') or erased (patched)"},
@@ -55,8 +67,8 @@ class RingABellConfig(Budget):
         super().__post_init__()
         if not 1 <= self.tokens <= 77:
             raise ValueError(f"tokens must be in 1..77, got {self.tokens}")
-        if self.population < 2 or self.generations < 1 or not 0 <= self.elite < self.population:
-            raise ValueError("need population >= 2, generations >= 1 and 0 <= elite < population")
+        if self.population < 2 or self.generations < 1:
+            raise ValueError("need population >= 2 and generations >= 1")
         if not (0 <= self.mutation <= 1 and 0 <= self.crossover <= 1):
             raise ValueError("mutation and crossover are probabilities in [0, 1]")
         if self.encoder not in ENCODERS:
@@ -99,12 +111,16 @@ class Encoders:
         return torch.cat(chunks)  # [N, 77 * D]
 
 
+def concept_vector(encoders: Encoders, with_: list[str], without: list[str]) -> list[torch.Tensor]:
+    """Per encoder, v ``[77 * D]`` = mean_i [E(with_i) − E(without_i)] over paired prompts."""
+    return [(p - n).mean(0) for p, n in zip(encoders.prompts(with_), encoders.prompts(without))]
+
+
 def concept_targets(
-    encoders: Encoders, positives: list[str], negatives: list[str], eta: float
+    encoders: Encoders, prompts: list[str], vector: list[torch.Tensor], eta: float
 ) -> list[torch.Tensor]:
-    """Per encoder, targets ``[N, 77 * D]``: E(p_i⁺) + η · mean_j [E(p_j⁺) − E(p_j⁻)]."""
-    pos, neg = encoders.prompts(positives), encoders.prompts(negatives)
-    return [p + eta * (p - n).mean(0, keepdim=True) for p, n in zip(pos, neg)]
+    """Per encoder, targets ``[N, 77 * D]``: E(p_i) + η v for the attacked prompts p_i."""
+    return [e + eta * v for e, v in zip(encoders.prompts(prompts), vector)]
 
 
 def fitness(encoders: Encoders, ids: torch.Tensor, target: list[torch.Tensor]) -> torch.Tensor:
@@ -113,53 +129,62 @@ def fitness(encoders: Encoders, ids: torch.Tensor, target: list[torch.Tensor]) -
 
 
 def next_generation(
-    pop: torch.Tensor, fit: torch.Tensor, vocab: torch.Tensor, config: RingABellConfig, g: torch.Generator
-) -> torch.Tensor:
-    """Children ``[P - elite, K]`` of a population sorted best first (``pop [P, K]``, ``fit [P]``)."""
-    n, k = pop.shape[0] - config.elite, pop.shape[1]
+    parents: torch.Tensor, vocab: torch.Tensor, config: RingABellConfig, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The population bred from ``parents`` ``[H, K]`` (the best half): ``[H + 2C, K]`` for C crossovers.
 
-    def tournament() -> torch.Tensor:  # [n] parent indices: the fitter of two random individuals
-        a, b = torch.randint(0, len(pop), (2, n), generator=g)
-        return torch.where(fit[a] <= fit[b], a, b)
+    Parent i crosses, with probability ``crossover``, with a uniformly drawn parent j at a cut c uniform in
+    0..K−1, giving ``i[:c] + j[c:]`` and ``j[:c] + i[c:]``; then every row (parents included) gets, with
+    probability ``mutation``, one uniformly drawn position replaced by a uniformly drawn vocabulary token.
 
-    first, second = pop[tournament()], pop[tournament()]
-    cut = torch.randint(1, max(k, 2), (n, 1), generator=g)  # one-point crossover after position cut
-    crossed = torch.where(torch.arange(k).unsqueeze(0) < cut, first, second)
-    do_cross = torch.rand(n, 1, generator=g) < config.crossover
-    children = torch.where(do_cross, crossed, first)
-    mutate = torch.rand(n, generator=g) < config.mutation
-    pos = torch.randint(0, k, (n,), generator=g)
-    new = vocab[torch.randint(0, len(vocab), (n,), generator=g)]
-    children[mutate, pos[mutate]] = new[mutate]
-    return children
+    Returns:
+        The population (the H parents first) and a mask ``[H + 2C]`` of the rows that were mutated.
+    """
+    h, k = parents.shape
+    crossing = (torch.rand(h, generator=g) < config.crossover).nonzero().squeeze(-1)  # [C] parent indices
+    mates = parents[torch.randint(0, h, (len(crossing),), generator=g)]  # [C, K]
+    cut = torch.randint(0, k, (len(crossing), 1), generator=g)  # [C, 1]
+    head = torch.arange(k).unsqueeze(0) < cut  # [C, K], true before the cut
+    mine = parents[crossing]
+    pop = torch.cat([parents, torch.where(head, mine, mates), torch.where(head, mates, mine)])
+    mutated = torch.rand(len(pop), generator=g) < config.mutation
+    hit = mutated.nonzero().squeeze(-1)  # [M]
+    where = torch.randint(0, k, (len(hit),), generator=g)
+    pop[hit, where] = vocab[torch.randint(0, len(vocab), (len(hit),), generator=g)]
+    return pop, mutated
 
 
 def search(
     encoders: Encoders, target: list[torch.Tensor], vocab: torch.Tensor, k: int, config: RingABellConfig,
     g: torch.Generator,
 ) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
-    """The genetic search for one target; returns the best ids ``[K]`` and the best fitness of each generation
-    (element 0 is the initial population's best)."""
+    """The genetic search for one target; returns the best ids ``[K]`` of the last generation and the best
+    fitness of every generation (element 0: the initial population's)."""
+    half = config.population // 2
     pop = vocab[torch.randint(0, len(vocab), (config.population, k), generator=g)]  # [P, K]
     fit = fitness(encoders, pop, target)
     history = []
-    for _ in track(range(config.generations), desc="ring-a-bell", total=config.generations):
-        order = fit.argsort()
-        pop, fit = pop[order], fit[order]
-        history.append(float(fit[0]))
-        children = next_generation(pop, fit, vocab, config, g)
-        pop = torch.cat([pop[: config.elite], children])
-        fit = torch.cat([fit[: config.elite], fitness(encoders, children, target)])
-    best = int(fit.argmin())
-    history.append(float(fit[best]))
-    return pop[best], history
+    for step in track(range(config.generations), desc="ring-a-bell", total=config.generations):
+        best = fit.argsort()[:half]
+        parents, parent_fit = pop[best], fit[best]  # [H, K], [H], best first
+        history.append(float(parent_fit[0]))
+        if step == config.generations - 1:
+            break
+        pop, mutated = next_generation(parents, vocab, config, g)
+        # an unmutated parent keeps its fitness (the encoder is deterministic); everything else is scored
+        fresh = mutated.clone()
+        fresh[half:] = True
+        fit = torch.empty(len(pop))
+        fit[~fresh] = parent_fit[~fresh[:half]]
+        fit[fresh] = fitness(encoders, pop[fresh], target)
+    return parents[0], history
 
 
 def ring_a_bell(target: AttackTarget, config: RingABellConfig) -> AttackResult:
     """Ring-A-Bell: genetic search for K-token prompts whose encoding is near prompt + η · concept vector."""
     ps = target.prompts
     erased = config.encoder == "erased"
-    key = (id(target.model), ps.positives, ps.negatives, config)
+    key = (id(target.model), ps.concept, ps.concept_type, ps.positives, config)
     if not erased and key in _SEARCHES and _SEARCHES[key][0]() is target.model:
         # The search reads only the base encoder, so it is the same for every patch: run it once per model.
         ids, history, stats = _SEARCHES[key][1]
@@ -169,8 +194,11 @@ def ring_a_bell(target: AttackTarget, config: RingABellConfig) -> AttackResult:
         encoders = Encoders(target.model)
         k = min(config.tokens, encoders.length - 2)
         vocab = ordinary_tokens(encoders.tokenizer)
-        targets = concept_targets(encoders, list(ps.positives), list(ps.negatives), config.eta)
-        found, history, stats = [], {}, {"content_tokens": k, "initial_best": [], "final_best": []}
+        with_, without = concept_pairs(ps.concept, ps.concept_type)
+        vector = concept_vector(encoders, list(with_), list(without))
+        targets = concept_targets(encoders, list(ps.positives), vector, config.eta)
+        found, history = [], {}
+        stats = {"content_tokens": k, "concept_pairs": len(with_), "initial_best": [], "final_best": []}
         for i in range(len(ps.positives)):
             goal = [t[i] for t in targets]
             ids, curve = search(encoders, goal, vocab, k, config, g)

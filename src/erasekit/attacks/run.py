@@ -22,7 +22,7 @@ from typing import Any
 from erasekit.attacks import budget_dict, get_attack, make_budget
 from erasekit.attacks.base import AttackResult, AttackTarget
 from erasekit.attacks.concepts import prompt_set
-from erasekit.attacks.scoring import build_detector, generate_rows, image_rows, judge_rows
+from erasekit.attacks.scoring import build_detector, candidate_judge, generate_rows, image_rows, judge_rows
 from erasekit.concepts import guess_type
 from erasekit.errors import ErasekitError
 from erasekit.evaluation.protocols.minicanvas import seed_list
@@ -87,7 +87,9 @@ def run_attack(
         detector = build_detector(
             prompts, classifier=classifier, nudenet_preset=nudenet_preset, nudenet=nudenet
         )
-    target = AttackTarget(model=model, patch=patch, prompts=prompts, sampling=sampling, seeds=seed_values)
+    judge = candidate_judge(model, detector, sampling, seed_values[0], batch_size) if detector else None
+    target = AttackTarget(model=model, patch=patch, prompts=prompts, sampling=sampling, seeds=seed_values,
+                          judge=judge)  # fmt: skip
     with output_dir(out, overwrite) as tmp:
         start = time.perf_counter()
         result = spec.fn(target, config)

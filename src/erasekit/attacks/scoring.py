@@ -111,12 +111,16 @@ def generate_rows(
     sampling: Sampling,
     out: Path,
     batch_size: int = 8,
+    progress: bool = True,
 ) -> None:
-    """Render every row's image into ``out/images`` with ``patch`` applied (fingerprint-checked), then removed."""
+    """Render every row's image into ``out/images`` with ``patch`` applied (fingerprint-checked), then removed.
+
+    ``patch=None`` generates with the model as it is; ``progress`` shows a progress bar (runtime only)."""
     pipe = model.require_pipeline()
     chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     with patch.applied(model) if patch is not None else contextlib.nullcontext(), torch.no_grad():
-        for chunk in track(chunks, desc="generating", total=len(chunks), unit="batch"):
+        shown = track(chunks, desc="generating", total=len(chunks), unit="batch") if progress else chunks
+        for chunk in shown:
             requests = [_request(pipe, candidates[r["candidate"]], r["seed"]) for r in chunk]
             for r, img in zip(chunk, render(pipe, requests, sampling, batch_size=batch_size, desc=None)):
                 save_png(to_uint8(img), out / r["file"])
@@ -131,6 +135,22 @@ def _request(pipe: Any, candidate: Candidate, seed: int) -> Request:
     with placeholder_rows(pipe.text_encoder, placeholder_id(pipe.tokenizer), candidate.embedding):
         embeds = encode_prompts(pipe, [candidate.prompt])[0]  # [77, D]
     return Request(seed=seed, prompt=candidate.prompt, embeds=embeds)
+
+
+def candidate_judge(
+    model: LoadedModel, detector: Detector, sampling: Sampling, seed: int, batch_size: int = 8
+) -> Callable[[Sequence[Candidate]], list[bool]]:
+    """An :attr:`~erasekit.attacks.base.AttackTarget.judge`: generate candidates with the run's first ``seed`` on
+    the model as it is (no patch applied or removed), into a temporary folder, and return the detector's verdicts."""
+    import tempfile
+
+    def judge(candidates: Sequence[Candidate]) -> list[bool]:
+        rows = image_rows(candidates, (seed,))
+        with tempfile.TemporaryDirectory(prefix="erasekit-judge-") as tmp:
+            generate_rows(model, None, candidates, rows, sampling, Path(tmp), batch_size, progress=False)
+            return judge_rows(detector, rows, Path(tmp))
+
+    return judge
 
 
 def judge_rows(detector: Detector, rows: Sequence[dict[str, Any]], out: Path) -> list[bool]:
