@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
-def check_unet_family(model: Any, method: str) -> Any:
+
+def check_unet_family(model: LoadedModel, method: str) -> Any:
     """The pipeline of ``model``, or an error when ``method`` cannot run this sampler on it."""
     return model.require_capability("unet_training", method)
 

@@ -7,7 +7,7 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,9 +17,12 @@ from erasekit.io import output_dir
 from erasekit.models.families import FOLDER_CONFIG
 from erasekit.patch import Patch, split_key
 
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
+
 
 def export_component(
-    model: Any, patch: Patch, component: str, out: str | Path, overwrite: bool = False
+    model: LoadedModel, patch: Patch, component: str, out: str | Path, overwrite: bool = False
 ) -> Path:
     """Write ``component`` of ``model`` with ``patch`` applied as a full Hugging Face folder.
 
@@ -38,7 +41,9 @@ def export_component(
     return Path(out)
 
 
-def import_component(model: Any, component: str, folder: str | Path, allow_pickle: bool = False) -> Patch:
+def import_component(
+    model: LoadedModel, component: str, folder: str | Path, allow_pickle: bool = False
+) -> Patch:
     """Diff a full component folder against the base model's component and return the difference as a patch."""
     base = model.components.get(component)
     if base is None:
@@ -73,7 +78,11 @@ def import_component(model: Any, component: str, folder: str | Path, allow_pickl
 
 
 def save_patched_model(
-    model: Any, patches: Sequence[Patch], out: str | Path, merge: str | None = None, overwrite: bool = False
+    model: LoadedModel,
+    patches: Sequence[Patch],
+    out: str | Path,
+    merge: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Apply ``patches`` (fingerprint-checked) and write the whole model as a diffusers folder."""
     patch = Patch.compose(patches, merge)

@@ -16,10 +16,13 @@ import importlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from erasekit.concepts import CONCEPT_TYPES, check_type
 from erasekit.errors import ErasekitError
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
 __all__ = [
     "CONCEPT_TYPES",
@@ -272,7 +275,7 @@ def config_from_dict(method: str, data: Mapping[str, Any]) -> Any:
 
 
 def erase(
-    model: Any,
+    model: LoadedModel,
     concepts: Sequence[str],
     method: str,
     preset: str | None = None,
@@ -309,7 +312,7 @@ def erase(
     )
 
 
-def check_concepts(model: Any, concepts: Sequence[str]) -> list[str]:
+def check_concepts(model: LoadedModel | None, concepts: Sequence[str]) -> list[str]:
     """Strip concepts and refuse empty ones, or ones the model's CLIP tokenizers would truncate."""
     concepts = [c.strip() for c in concepts]
     if not concepts or any(not c for c in concepts):

@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from erasekit.attacks import register_attack
 from erasekit.attacks.base import AttackResult, AttackTarget, Budget, Candidate
 from erasekit.patch import Patch, split_key
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,7 +25,7 @@ class EncoderSwapConfig(Budget):
     """Encoder swap has no search: its budget is the number of base prompts (and seeds, set by the run)."""
 
 
-def text_encoder_components(model: Any) -> set[str]:
+def text_encoder_components(model: LoadedModel) -> set[str]:
     """Every text-encoder component name of the model's family (CLIP and T5)."""
     family = model.family
     return set(family.clip_encoders) | set(family.other_encoders)

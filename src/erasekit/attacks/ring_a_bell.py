@@ -24,7 +24,7 @@ import contextlib
 import copy
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from erasekit.attacks import register_attack
 from erasekit.attacks.base import AttackResult, AttackTarget, Budget, Candidate, ordinary_tokens
 from erasekit.attacks.concepts import concept_pairs
 from erasekit.progress import track
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
 ENCODERS = ("base", "erased")
 FITNESS_BATCH = 256  # sequences per encoder call (runtime only)
@@ -78,7 +81,7 @@ class RingABellConfig(Budget):
 class Encoders:
     """The CLIP encoders of a model as one function from token ids to flattened hidden states."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: LoadedModel) -> None:
         self.pairs = [(enc, tok) for _, enc, tok in model.clip_encoders()]
         self.tokenizer = self.pairs[0][1]
         self.length = self.tokenizer.model_max_length

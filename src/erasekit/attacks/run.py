@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erasekit.attacks import budget_dict, get_attack, make_budget
 from erasekit.attacks.base import AttackResult, AttackTarget
@@ -30,9 +30,12 @@ from erasekit.generation import Sampling
 from erasekit.io import atomic_write_json, atomic_write_text, check_output_dir, output_dir
 from erasekit.patch import Patch
 
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
+
 
 def run_attack(
-    model: Any,
+    model: LoadedModel,
     concept: str,
     attack: str,
     out: str | Path,
@@ -195,7 +198,7 @@ def _summary(rule: str, scored: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finish(
-    out: Path, model: Any, patches: Sequence[Any], metrics: dict[str, Any], timings: dict[str, float]
+    out: Path, model: LoadedModel, patches: Sequence[Any], metrics: dict[str, Any], timings: dict[str, float]
 ) -> None:
     from erasekit.evaluation import record as rec
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from erasekit.errors import ErasekitError
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
 
 @torch.no_grad()
@@ -57,7 +60,7 @@ def token_cosine(base: torch.Tensor, erased: torch.Tensor, mask: torch.Tensor) -
     return (cos * mask).sum(1) / mask.sum(1)
 
 
-def text_drift(model: Any, patch: Any | None, groups: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+def text_drift(model: LoadedModel, patch: Any | None, groups: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """Cosine similarity between the base and the patched encoders, per prompt group and encoder.
 
     Args:

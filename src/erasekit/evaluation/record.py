@@ -18,12 +18,15 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from erasekit.errors import ErasekitError
 from erasekit.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.json"
@@ -100,7 +103,7 @@ def build_record(
     *,
     protocol: str,
     config: dict[str, Any],
-    model: Any,
+    model: LoadedModel,
     model_sha256: str,
     patches: Sequence[Any],
     sampling: dict[str, Any],

@@ -12,13 +12,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erasekit.errors import ErasekitError
 from erasekit.evaluation import record as rec
 from erasekit.evaluation.runner import Job, barrier, generate, shard
 from erasekit.generation import Sampling, scheduler_info
 from erasekit.patch import Patch
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
 # score(entries, patch) -> metrics; entries are the manifest entries in job order.
 Scorer = Callable[[list[dict[str, Any]], Any], dict[str, Any]]
@@ -27,7 +30,7 @@ Scorer = Callable[[list[dict[str, Any]], Any], dict[str, Any]]
 def run_protocol(
     *,
     protocol: str,
-    model: Any,
+    model: LoadedModel,
     jobs: Sequence[Job],
     sampling: Sampling,
     score: Scorer,

@@ -12,7 +12,7 @@ All solves run in float64 on the CPU and the results are cast back to the layer'
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,11 +21,14 @@ from erasekit.denoising import encode_prompts
 from erasekit.methods.common import attn2_linears, check_choice
 from erasekit.patch import Patch
 
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
+
 PROJECTIONS = ("to_k", "to_v")
 CHUNK = 256  # prompts encoded per call when summing Gram matrices over many prompts
 
 
-def check_family(model: Any, method: str) -> Any:
+def check_family(model: LoadedModel, method: str) -> Any:
     """The pipeline of ``model``, or an error when ``method`` does not support its family."""
     return model.require_capability("cross_attention_edit", method)
 
@@ -128,7 +131,7 @@ def ridge_edit(
     return torch.linalg.solve(rhs, lhs.T).T
 
 
-def weight_patch(model: Any, layers: dict[str, nn.Linear], new: dict[str, torch.Tensor]) -> Patch:
+def weight_patch(model: LoadedModel, layers: dict[str, nn.Linear], new: dict[str, torch.Tensor]) -> Patch:
     """A UNet patch from new float64 weights ``{module name: [out, D]}`` of ``layers``."""
     values = {f"{n}.weight": new[n].to(layers[n].weight.dtype) for n in new}
     return Patch.from_tensors(model, "unet", values)

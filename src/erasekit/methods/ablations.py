@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erasekit.errors import ErasekitError
 from erasekit.methods.common import drop_unchanged
@@ -29,6 +29,9 @@ from erasekit.methods.hirm.config import presets as hirm_presets
 from erasekit.models.families import num_blocks
 from erasekit.patch import Patch
 from erasekit.registry import Strength, register
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,17 +47,17 @@ def _presets(**fields: Any) -> dict[str, dict[str, Any]]:
     return {name: {**preset, **fields} for name, preset in hirm_presets(coefficient=5000.0).items()}
 
 
-def erase_block0(model: Any, concepts: Sequence[str], config: HirmConfig) -> Patch:
+def erase_block0(model: LoadedModel, concepts: Sequence[str], config: HirmConfig) -> Patch:
     """Ablation: update block 0 with the loss at block 0's output (coupled update and supervision)."""
     return drop_unchanged(erase_hirm(model, concepts, config, "hirm-ablate-block0"), model)
 
 
-def erase_last(model: Any, concepts: Sequence[str], config: HirmConfig) -> Patch:
+def erase_last(model: LoadedModel, concepts: Sequence[str], config: HirmConfig) -> Patch:
     """Ablation: update the last block only, with HiRM's loss at the last block."""
     return drop_unchanged(erase_hirm(model, concepts, config, "hirm-ablate-last"), model)
 
 
-def erase_all(model: Any, concepts: Sequence[str], config: EveryBlockConfig) -> Patch:
+def erase_all(model: LoadedModel, concepts: Sequence[str], config: EveryBlockConfig) -> Patch:
     """Ablation: update every block, with HiRM's loss at the last block."""
     if config.every_block:
         depths = {num_blocks(enc) for _, enc, _ in model.clip_encoders()}

@@ -23,7 +23,7 @@ enter as ``train_preserve_scale · (prior + preserve_weight · domain)`` and are
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,9 @@ from erasekit.methods._closed_form import (
 )
 from erasekit.patch import Patch
 from erasekit.registry import Strength, register
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
 # prompt_augmentation's lists; the configs sample 30 of indices 0..29 (prompt_len 30), so the 31st never appears.
 OBJECT_TEMPLATES = (
@@ -173,7 +176,7 @@ def world_captions(concepts: list[str]) -> list[str]:
     return out + [t.format(style=s) for t in world.STYLE_TEMPLATES for s in styles]
 
 
-def erase_mace_cfr(model: Any, concepts: list[str], config: MACECFRConfig) -> Patch:
+def erase_mace_cfr(model: LoadedModel, concepts: list[str], config: MACECFRConfig) -> Patch:
     """MACE's closed-form refinement stage alone (no LoRA, no fusion): remap the words around the concept."""
     pipe = check_family(model, "mace-cfr")
     layers = kv_layers(pipe.unet, config.projections)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +43,9 @@ from erasekit.methods.common import check_choice, check_positive
 from erasekit.methods.uce import erase_rows, preserve_gram, preserve_prompts, uce_weights
 from erasekit.patch import Patch
 from erasekit.registry import Strength, register
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
 SELECT = ("last", "lowest-rate")
 #: ``detector(patch) -> rate``: how often the edited model still shows the concept (lower is better).
@@ -127,7 +130,7 @@ def rece_stages(pipe: Any, layers: dict[str, Any], concepts: list[str], config: 
 
 
 def erase_rece(
-    model: Any, concepts: list[str], config: RECEConfig, *, detector: Detector | None = None
+    model: LoadedModel, concepts: list[str], config: RECEConfig, *, detector: Detector | None = None
 ) -> Patch:
     """RECE: UCE, then rounds that re-erase the embedding still regenerating the concept.
 
@@ -153,7 +156,7 @@ def erase_rece(
 VALIDATION_SEEDS = tuple(range(42, 50))  # RECE's --seed 42 and the next 7; the leaderboard uses 188, 288, ...
 
 
-def default_detector(model: Any, concepts: Sequence[str]) -> Detector | None:
+def default_detector(model: LoadedModel, concepts: Sequence[str]) -> Detector | None:
     """The MiniCanvas classifier for MiniCanvas concepts on a MiniCanvas model, else ``None``."""
     from erasekit.concepts import is_minicanvas
 
@@ -163,7 +166,7 @@ def default_detector(model: Any, concepts: Sequence[str]) -> Detector | None:
 
 
 def minicanvas_detector(
-    model: Any, concepts: Sequence[str], seeds: Sequence[int] = VALIDATION_SEEDS
+    model: LoadedModel, concepts: Sequence[str], seeds: Sequence[int] = VALIDATION_SEEDS
 ) -> Detector:
     """``detector(patch)``: the share of validation images the built-in classifier labels as an erased concept.
 

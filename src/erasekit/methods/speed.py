@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,6 +48,9 @@ from erasekit.methods._closed_form import (
 from erasekit.methods.common import check_choice, check_positive, generator
 from erasekit.patch import Patch
 from erasekit.registry import Strength, register
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
 TARGET_ROWS = ("last", "all")
 CHUNK = 128  # the authors' chunk of retain rows; DPA's filter compares within a chunk
@@ -217,7 +220,7 @@ def speed_delta(
     return a @ p @ (eye - m @ k2 @ inner @ k2.T @ p) @ m
 
 
-def erase_speed(model: Any, concepts: list[str], config: SPEEDConfig) -> Patch:
+def erase_speed(model: LoadedModel, concepts: list[str], config: SPEEDConfig) -> Patch:
     """SPEED: null-space constrained closed-form edit of attn2 (to_v), with IPF, DPA and IEC."""
     pipe = check_family(model, "speed")
     g = generator(config.seed)

@@ -21,7 +21,7 @@ The guide is ``"art"`` for styles and ``""`` for objects and nudity, as both scr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,9 @@ from erasekit.methods._closed_form import (
 from erasekit.methods.common import check_choice, check_positive
 from erasekit.patch import Patch
 from erasekit.registry import Strength, register
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
 ROWS = ("last", "sequence")
 
@@ -148,7 +151,7 @@ def uce_weights(
     }
 
 
-def erase_uce(model: Any, concepts: list[str], config: UCEConfig) -> Patch:
+def erase_uce(model: LoadedModel, concepts: list[str], config: UCEConfig) -> Patch:
     """UCE: closed-form remapping of the concepts' cross-attention keys/values onto the guide's."""
     pipe = check_family(model, "uce")
     layers = kv_layers(pipe.unet, config.projections)

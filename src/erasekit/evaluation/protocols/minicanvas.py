@@ -226,7 +226,9 @@ def _generality(records: list[dict[str, Any]], target: str, kind: str) -> dict[s
     return out
 
 
-def _drift(model: Any, patch: Any, entries: list[dict[str, Any]], target: str | None) -> dict[str, Any]:
+def _drift(
+    model: LoadedModel, patch: Any, entries: list[dict[str, Any]], target: str | None
+) -> dict[str, Any]:
     from erasekit.evaluation.drift import text_drift
 
     groups: dict[str, list[str]] = {"target": [], "synonym": [], "retain": []}
