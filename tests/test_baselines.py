@@ -389,7 +389,7 @@ def test_advunlearn_attack_lowers_its_loss(model):
 
     with frozen(pipe.unet, pipe.text_encoder):
         delta0 = torch.zeros(1, 32)
-        delta = attack(pipe, "circle", delta0, x_t, torch.tensor(500), want, config)
+        delta = attack(pipe, "circle", delta0, lambda: (x_t, torch.tensor(500), want), config)
     assert loss(delta) < loss(delta0)
 
 

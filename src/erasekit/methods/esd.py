@@ -10,10 +10,19 @@ Parameter sets (by module path component and type, see :mod:`erasekit.methods.co
 - ``attn2`` (esd-x): every ``nn.Linear`` under a module path component ``attn2`` (to_q, to_k, to_v, to_out.0);
 - ``attn2-kv`` (esd-x ``strict`` preset): only the ``to_k`` and ``to_v`` Linears of ``attn2``;
 - ``non-attn2`` (esd-u): every ``nn.Linear`` and ``nn.Conv2d`` outside ``attn2``.
+
+Presets: ``paper`` follows the current release, ``esd_sd.py`` of rohitgandikota/erasing at
+25613d27892326e0c7770f7f3555bea4be150089 (200 iterations, Adam 5e-5, η = 2, partial sampling at guidance 3 over
+50 steps), in fp32. ``bf16`` is the same with ``train_dtype="bfloat16"``, as that script runs: the frozen UNet
+that samples x_t and gives the targets, the trained tensors, the loss and Adam's state are all bfloat16, so an
+Adam step of 5e-5 is lost on any weight above about 0.016 in magnitude (below half a bfloat16 ulp).
+``legacy`` is the older ``train-scripts/train-esd.py``'s budget (1000 iterations, lr 1e-5, η = 1).
 """
 
 from __future__ import annotations
 
+import copy
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +46,7 @@ from erasekit.progress import track
 from erasekit.registry import register
 
 PARAMETER_SETS = ("attn2", "attn2-kv", "non-attn2")
+TRAIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,9 +69,17 @@ class ESDConfig:
         default="", metadata={"help": "c_from: the concept the target is taken from ('' = itself)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the noise and the stopping steps"})
+    train_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "precision of the frozen UNet, the trained tensors and Adam's state: float32, or "
+            "bfloat16 as the released esd_sd.py"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_choice("parameters", self.parameters, PARAMETER_SETS)
+        check_choice("train_dtype", self.train_dtype, tuple(TRAIN_DTYPES))
         check_positive(iterations=self.iterations, lr=self.lr, ddim_steps=self.ddim_steps)
         if self.negative_guidance < 0 or self.start_guidance < 0:
             raise ValueError("negative_guidance and start_guidance must be >= 0")
@@ -101,14 +119,24 @@ def esd_loss(
 
 
 def train(
-    pipe: Any, concepts: Sequence[str], config: ESDConfig, params: dict[str, torch.Tensor]
+    pipe: Any,
+    unet: torch.nn.Module,
+    concepts: Sequence[str],
+    config: ESDConfig,
+    params: dict[str, torch.Tensor],
 ) -> list[float]:
-    """Run ESD on ``params`` (trainable copies) in place; returns the loss of every iteration."""
-    unet, g = pipe.unet, generator(config.seed)
-    with torch.no_grad():
-        conds = encode_prompts(pipe, list(concepts))
-        froms = encode_prompts(pipe, [config.erase_from or c for c in concepts])
-        null = encode_prompts(pipe, [""])
+    """Run ESD on ``params`` (trainable copies of ``unet``'s tensors) in place; returns every iteration's loss.
+
+    Args:
+        unet: the frozen UNet that samples x_t and gives the targets: the pipeline's own, or a bfloat16 copy.
+    """
+    g, dtype = generator(config.seed), unet.dtype
+    # sample_until reads only .unet and .scheduler: sample with ``unet`` without touching the pipeline
+    sampler = types.SimpleNamespace(unet=unet, scheduler=pipe.scheduler)
+    with torch.no_grad():  # the text encoder stays fp32: its embeddings are cast to the training dtype
+        conds = encode_prompts(pipe, list(concepts)).to(dtype)
+        froms = encode_prompts(pipe, [config.erase_from or c for c in concepts]).to(dtype)
+        null = encode_prompts(pipe, [""]).to(dtype)
     opt = torch.optim.Adam(params.values(), lr=config.lr)
     losses = []
     for i in track(range(config.iterations), desc="esd", total=config.iterations):
@@ -116,7 +144,7 @@ def train(
         emb = {"c": conds[k : k + 1], "from": froms[k : k + 1], "null": null}
         stop = int(torch.randint(0, config.ddim_steps, (), generator=g))
         x_t, t = sample_until(
-            pipe,
+            sampler,
             emb["c"],
             null,
             steps=config.ddim_steps,
@@ -135,13 +163,16 @@ def train(
 def erase_esd(model: Any, concepts: list[str], config: ESDConfig) -> Patch:
     """ESD: fine-tune the selected UNet tensors so the concept's noise prediction points away from it."""
     pipe = check_unet_family(model, "esd")
+    dtype = TRAIN_DTYPES[config.train_dtype]
     with frozen(pipe.unet, pipe.text_encoder):
-        params = trainable_copies(pipe.unet, parameter_names(pipe.unet, config.parameters))
-        train(pipe, concepts, config, params)
+        unet = pipe.unet if pipe.unet.dtype == dtype else copy.deepcopy(pipe.unet).to(dtype)
+        params = trainable_copies(unet, parameter_names(unet, config.parameters))
+        train(pipe, unet, concepts, config, params)
     return Patch.from_tensors(model, "unet", {n: p.detach() for n, p in params.items()})
 
 
 _LEGACY = {"iterations": 1000, "lr": 1e-5, "negative_guidance": 1.0}
+_BF16 = {"train_dtype": "bfloat16"}
 
 register(
     "esd-x",
@@ -149,6 +180,7 @@ register(
     presets={
         "paper": {"parameters": "attn2"},
         "strict": {"parameters": "attn2-kv"},
+        "bf16": {"parameters": "attn2", **_BF16},
         "legacy": {"parameters": "attn2", **_LEGACY},
     },
     summary="ESD-x: fine-tune every cross-attention Linear of the UNet with negative guidance",
@@ -156,6 +188,10 @@ register(
 register(
     "esd-u",
     ESDConfig,
-    presets={"paper": {"parameters": "non-attn2"}, "legacy": {"parameters": "non-attn2", **_LEGACY}},
+    presets={
+        "paper": {"parameters": "non-attn2"},
+        "bf16": {"parameters": "non-attn2", **_BF16},
+        "legacy": {"parameters": "non-attn2", **_LEGACY},
+    },
     summary="ESD-u: fine-tune every Linear and Conv of the UNet outside cross-attention",
 )(erase_esd)

@@ -15,7 +15,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from erasekit.errors import ErasekitError
-from erasekit.methods.hirm.config import HIRM_R_DEFAULT, HirmConfig, HirmSConfig, presets
+from erasekit.methods.hirm.config import (
+    HIRM_R_DEFAULT,
+    HIRM_S_PAPER_STEPS,
+    HirmConfig,
+    HirmSConfig,
+    presets,
+)
 from erasekit.methods.hirm.train import TrainResult, trained
 from erasekit.patch import Patch
 from erasekit.registry import Strength, register
@@ -79,7 +85,7 @@ def erase_hirm_r(model: LoadedModel, concepts: Sequence[str], config: HirmConfig
 @register(
     "hirm-s",
     HirmSConfig,
-    presets=presets(coefficient=1.0),
+    presets=presets(coefficient=1.0, steps=HIRM_S_PAPER_STEPS),
     default_preset="default",
     strength=Strength("steps", (10, 20, 40, 80, 160), preset="default"),
     summary="HiRM-S: train CLIP block 0 so the concept's last-block representation becomes a super-category's",

@@ -24,6 +24,8 @@ NUDITY_PROMPT = "naked ,nude, bare, exposed, Stripped, topless, male genitalia, 
 
 # The released README's step counts and the paper's learning rates.
 PAPER_STEPS = {"style": 20, "object": 15, "nsfw": 50}
+# HiRM-S's own step counts in the paper's notes (shared/reference/hirm.md); its ``paper`` preset uses them.
+HIRM_S_PAPER_STEPS = {"style": 30, "object": 15, "nsfw": 25}
 PAPER_LR = {"style": 5e-5, "object": 5e-5, "nsfw": 1e-4}
 
 # HiRM-S anchors when none is given. "painting" is the paper's own example for a style ("Van Gogh" ->
@@ -197,21 +199,21 @@ _PAPER_COMMON = {
     "parts": ("attn", "mlp"),
     "multi": "average",
 }
-_PAPER_TYPED = {t: {"steps": PAPER_STEPS[t], "lr": PAPER_LR[t]} for t in CONCEPT_TYPES}
 
 
-def paper_preset(coefficient: float) -> dict[str, Any]:
-    """The released code's settings: raw concept padded to 77, batch 1, README steps, seed 42."""
-    return {**_PAPER_COMMON, "coefficient": coefficient, **_PAPER_TYPED}
+def paper_preset(coefficient: float, steps: dict[str, int] = PAPER_STEPS) -> dict[str, Any]:
+    """The released code's settings: raw concept padded to 77, batch 1, ``steps`` per type, seed 42."""
+    typed = {t: {"steps": steps[t], "lr": PAPER_LR[t]} for t in CONCEPT_TYPES}
+    return {**_PAPER_COMMON, "coefficient": coefficient, **typed}
 
 
-def presets(coefficient: float, default_changes: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+def presets(
+    coefficient: float, default_changes: dict[str, Any] | None = None, steps: dict[str, int] = PAPER_STEPS
+) -> dict[str, dict[str, Any]]:
     """``paper`` and ``default``: ``default`` is ``paper`` plus only the changes that won on MiniCanvas
-    (docs/hirm.md keeps the ablation table and the rule)."""
-    return {
-        "paper": paper_preset(coefficient),
-        "default": {**paper_preset(coefficient), **(default_changes or {})},
-    }
+    (docs/hirm.md keeps the ablation table and the rule). ``steps``: per concept type (hirm-s: the paper's notes)."""
+    paper = paper_preset(coefficient, steps)
+    return {"paper": paper, "default": {**paper, **(default_changes or {})}}
 
 
 #: What hirm-r's ``default`` changes from ``paper``: the loss skips position 0 (BOS). On MiniCanvas it kept
