@@ -4,8 +4,8 @@ Each method runs its ``paper`` preset (or ``--preset``) on one style and one obj
 fraction (:data:`FRACTION`, or ``--fraction``) along the fields its cost is linear in; the full time is
 extrapolated from those runs:
 
-- race: ``esd_iterations`` and ``iterations`` cut; a second run with twice the ESD iterations separates the ESD
-  stage's per-iteration cost from the adversarial stage's.
+- race: one run of the ESD stage alone (cut ``esd_iterations``, one adversarial iteration) and one of the
+  adversarial stage alone (``esd_iterations=0``, cut ``iterations``).
 - ant: one mask seed of five and ``iterations`` cut; every gradient-stage and training iteration costs the same.
 - trce: ``trajectories`` and ``reg_trajectories`` cut (the data and the steps scale with them); a run with
   ``epochs=0`` gives stage 1 alone, which does not scale.
@@ -50,11 +50,10 @@ def race(model: object, concept: str, kind: str, preset: str, f: float) -> tuple
     import erasekit
 
     config = erasekit.make_config("race", preset, kind)
-    n_esd, n_adv = max(1, round(config.esd_iterations * f)), max(1, round(config.iterations * f))
-    t1, mb = timed(model, concept, kind, "race", preset, esd_iterations=n_esd, iterations=n_adv)
-    t2, _ = timed(model, concept, kind, "race", preset, esd_iterations=2 * n_esd, iterations=n_adv)
-    per_esd = (t2 - t1) / n_esd
-    per_adv = (t1 - n_esd * per_esd) / n_adv
+    n = max(1, round(config.iterations * f))
+    t_esd, mb = timed(model, concept, kind, "race", preset, esd_iterations=n, iterations=1)
+    t_adv, _ = timed(model, concept, kind, "race", preset, esd_iterations=0, iterations=n)
+    per_esd, per_adv = t_esd / n, t_adv / n  # the first run's one adversarial iteration is left in
     full = config.esd_iterations * per_esd + config.iterations * per_adv
     return full, mb, f"ESD {per_esd:.2f} s/it, adversarial {per_adv:.2f} s/it"
 

@@ -287,6 +287,8 @@ def erase_trce(model: LoadedModel, concepts: list[str], config: TRCEConfig) -> P
 
 
 _NSFW = {"safe": "a person wearing clothes", "words": SEXUAL_WORDS}
+# budget: 20 of 100 trajectories and 80 of 400 unconditional ones, same 3 epochs (stage 2 at 20%): about 2.5 min
+# of CPU per MiniCanvas concept against 11.5 min at `paper` (docs/baselines.md, Timings).
 register(
     "trce",
     TRCEConfig,
