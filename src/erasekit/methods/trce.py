@@ -144,6 +144,8 @@ class Plan:
 
 
 def draw_plan(config: TRCEConfig, g: torch.Generator) -> Plan:
+    """Every step's draws, made before any trajectory is sampled (the release draws them as it goes)."""
+
     def draw(hi: int) -> int:
         return int(torch.randint(0, hi + 1, (), generator=g))
 
@@ -154,7 +156,8 @@ def draw_plan(config: TRCEConfig, g: torch.Generator) -> Plan:
 
 
 def needed(plan: Plan, config: TRCEConfig) -> tuple[dict[int, set[int]], dict[int, set[int]]]:
-    """``({trajectory: stops}, {reg trajectory: stops})``: the step counts s + 1 whose latents are read."""
+    """``({trajectory: stops}, {reg trajectory: stops})``: the step counts s + 1 whose latents are read
+    (regulariser trajectory i·reg_batch + j, modulo ``reg_trajectories``, at step i of each epoch)."""
     neg: dict[int, set[int]] = {}
     reg: dict[int, set[int]] = {}
     for e in range(config.epochs):
