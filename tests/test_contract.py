@@ -35,6 +35,12 @@ QUICK: dict[str, tuple[dict, str]] = {
     "mace-cfr": ({}, UNET_KV),
     "advunlearn": ({**DIFFUSION, "attack_steps": 2, "retain_batch": 1}, r"text_encoder/"),
     "fewshot-te": ({"epochs": 1, "n_images": 2}, r"text_encoder/encoder\.layers\.\d+\.(mlp|self_attn)\."),
+    "race": ({**DIFFUSION, "esd_iterations": 1, "pgd_steps": 2}, r"unet/(?!.*\.attn2\.)"),
+    "ant": ({**DIFFUSION, "switch_step": 2, "mask_iterations": 1, "mask_seeds": (1,)}, r"unet/"),
+    "trce": (
+        {"epochs": 1, "trajectories": 2, "reg_trajectories": 2, "ddim_steps": 4, "early_steps": 1},
+        r"unet/.*\.(attn1\.|attn2\.to_[qkv]\.)",
+    ),
 }
 METHODS = list_methods()
 

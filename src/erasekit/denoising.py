@@ -92,11 +92,64 @@ def guided_noise(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     scale: float,
+    params: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Classifier-free guidance ε_u + s (ε_c − ε_u), with one batched UNet call. Shapes as :func:`predict_noise`."""
-    both = predict_noise(unet, torch.cat([latents, latents]), t, torch.cat([uncond, cond]))
+    """Classifier-free guidance ε_u + s (ε_c − ε_u), with one batched UNet call. Shapes as :func:`predict_noise`.
+
+    ``scale == 1`` is ε_c alone (one UNet call); ``params`` as in :func:`predict_noise`.
+    """
+    if scale == 1.0:
+        return predict_noise(unet, latents, t, cond, params)
+    both = predict_noise(unet, torch.cat([latents, latents]), t, torch.cat([uncond, cond]), params)
     eps_u, eps_c = both.chunk(2)
     return eps_u + scale * (eps_c - eps_u)
+
+
+def start_noise(pipe: Any, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """``[batch, C, h, w]`` standard normal DDIM start latents drawn on the CPU with ``generator``."""
+    return torch.randn(latent_shape(pipe, batch), generator=generator, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample_path(
+    pipe: Any,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    steps: int,
+    stops: Sequence[int],
+    guidance: float,
+    noise: torch.Tensor,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """One DDIM trajectory from ``noise``, returning the latents after each of ``stops`` steps.
+
+    Args:
+        cond: ``[B, 77, D]`` prompt embeddings.
+        uncond: ``[B, 77, D]`` empty-prompt embeddings.
+        steps: the DDIM schedule length.
+        stops: step counts, each in ``[0, steps]`` (``steps``: the finished sample), any order.
+        guidance: classifier-free guidance scale.
+        noise: ``[B, C, h, w]`` start latents (see :func:`start_noise`).
+        params: trainable copies to sample with instead of the UNet's own tensors (RACE, ANT sample with the
+            model being trained).
+
+    Returns:
+        ``[B, C, h, w]`` latents per stop, in the order of ``stops``; the latents after ``s`` steps sit at
+        ``ddim(pipe, steps).timesteps[s]`` (when ``s < steps``).
+    """
+    if not stops or not all(0 <= s <= steps for s in stops):
+        raise ValueError(f"stops must be in [0, {steps}], got {list(stops)}")
+    scheduler = ddim(pipe, steps)
+    unet = pipe.unet
+    latents = noise.to(unet.device, unet.dtype) * scheduler.init_noise_sigma
+    seen = {0: latents}
+    for i, t in enumerate(scheduler.timesteps[: max(stops)]):
+        eps = guided_noise(unet, latents, t, cond, uncond, guidance, params)
+        latents = scheduler.step(eps, t, latents).prev_sample
+        if i + 1 in stops:
+            seen[i + 1] = latents
+    return [seen[s] for s in stops]
 
 
 @torch.no_grad()
@@ -109,8 +162,10 @@ def sample_until(
     stop: int,
     guidance: float,
     generator: torch.Generator,
+    noise: torch.Tensor | None = None,
+    params: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run DDIM from pure noise for ``stop`` of ``steps`` steps with the pipeline's own UNet.
+    """Run DDIM from pure noise for ``stop`` of ``steps`` steps (the pipeline's own UNet unless ``params``).
 
     Args:
         cond: ``[B, 77, D]`` prompt embeddings.
@@ -118,22 +173,21 @@ def sample_until(
         steps: the DDIM schedule length (ESD: 50).
         stop: how many steps to take, ``0 <= stop < steps``; 0 returns the initial noise.
         guidance: classifier-free guidance scale.
-        generator: the only source of randomness (a CPU generator).
+        generator: the only source of randomness (a CPU generator); draws the start noise unless ``noise``.
+        noise: ``[B, C, h, w]`` start latents to use instead of a draw.
+        params: as in :func:`sample_path`.
 
     Returns:
         ``(x_t [B, C, h, w], t)``: the latents after ``stop`` steps and the timestep they are at.
     """
     if not 0 <= stop < steps:
         raise ValueError(f"stop must be in [0, {steps}), got {stop}")
-    scheduler = ddim(pipe, steps)
-    unet = pipe.unet
-    shape = latent_shape(pipe, cond.shape[0])
-    latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(unet.device, unet.dtype)
-    latents = latents * scheduler.init_noise_sigma
-    for t in scheduler.timesteps[:stop]:
-        eps = guided_noise(unet, latents, t, cond, uncond, guidance)
-        latents = scheduler.step(eps, t, latents).prev_sample
-    return latents, scheduler.timesteps[stop]
+    if noise is None:
+        noise = start_noise(pipe, cond.shape[0], generator)
+    (x_t,) = sample_path(
+        pipe, cond, uncond, steps=steps, stops=[stop], guidance=guidance, noise=noise, params=params
+    )
+    return x_t, ddim(pipe, steps).timesteps[stop]
 
 
 def noised(

@@ -257,6 +257,9 @@ METHOD_MODULES = (
     "erasekit.methods.fewshot_te",
     "erasekit.methods.mace_cfr",
     "erasekit.methods.ablations",
+    "erasekit.methods.race",
+    "erasekit.methods.ant",
+    "erasekit.methods.trce",
 )
 METHODS: Registry[Spec] = Registry("method", METHOD_MODULES)
 register = METHODS.register

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import copy
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from erasekit.denoising import check_unet_family, encode_prompts, predict_noise, sample_until
+from erasekit.denoising import check_unet_family, encode_prompts, predict_noise, sample_until, start_noise
 from erasekit.methods.common import (
     attn2_linears,
     check_choice,
@@ -78,8 +78,8 @@ class ESDConfig:
     )
 
     def __post_init__(self) -> None:
-        check_choice("parameters", self.parameters, PARAMETER_SETS)
         check_choice("train_dtype", self.train_dtype, tuple(TRAIN_DTYPES))
+        check_choice("parameters", self.parameters, PARAMETER_SETS)
         check_positive(iterations=self.iterations, lr=self.lr, ddim_steps=self.ddim_steps)
         if self.negative_guidance < 0 or self.start_guidance < 0:
             raise ValueError("negative_guidance and start_guidance must be >= 0")
@@ -103,6 +103,7 @@ def esd_loss(
     t: torch.Tensor,
     emb: dict[str, torch.Tensor],
     eta: float,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """‖ε_θ(x_t, c, t) − [ε*(x_t, c_from, t) − η (ε*(x_t, c, t) − ε*(x_t, ∅, t))]‖² (mean over elements).
 
@@ -110,12 +111,85 @@ def esd_loss(
         params: the trainable copies (``{name: tensor}``) standing in for the UNet's own.
         x_t: ``[1, C, h, w]`` latents.
         emb: ``{"c", "from", "null"}`` each ``[1, 77, D]``.
+        cond: ``[1, 77, D]`` the condition the trained UNet sees instead of ``emb["c"]`` (RACE: c + δ).
     """
     with torch.no_grad():
-        cond = torch.cat([emb["from"], emb["c"], emb["null"]])
-        e_from, e_c, e_null = predict_noise(unet, x_t.expand(3, -1, -1, -1), t, cond).chunk(3)
+        both = torch.cat([emb["from"], emb["c"], emb["null"]])
+        e_from, e_c, e_null = predict_noise(unet, x_t.expand(3, -1, -1, -1), t, both).chunk(3)
         target = e_from - eta * (e_c - e_null)
-    return F.mse_loss(predict_noise(unet, x_t, t, emb["c"], params), target)
+    return F.mse_loss(predict_noise(unet, x_t, t, emb["c"] if cond is None else cond, params), target)
+
+
+def diffusion_loop(
+    pipe: Any,
+    params: dict[str, torch.Tensor],
+    conds: torch.Tensor,
+    loss_fn: Callable[..., torch.Tensor],
+    config: Any,
+    desc: str,
+    *,
+    iterations: int | None = None,
+    generator_: torch.Generator | None = None,
+    sample_trained: bool = False,
+    give_noise: bool = False,
+    unet: torch.nn.Module | None = None,
+) -> list[float]:
+    """ESD's training loop, shared by the methods trained on partial DDIM trajectories.
+
+    Iteration ``i`` takes ``k = i % K``, draws a stopping step uniformly from ``[0, ddim_steps)`` and the start
+    noise x_T, samples x_t conditioned on ``conds[k]`` (guidance ``start_guidance``), and takes one Adam step on
+    ``loss_fn(k, x_t, t)``.
+
+    Args:
+        params: the trainable copies, trained in place.
+        conds: ``[K, 77, D]`` the conditionings x_t is sampled with.
+        loss_fn: ``(k, x_t [1, C, h, w], t) -> scalar loss``; ``(k, x_t, t, x_T)`` with ``give_noise``.
+        config: has ``iterations``, ``lr``, ``ddim_steps``, ``start_guidance`` and ``seed``.
+        iterations: run this many instead of ``config.iterations`` (RACE's two stages).
+        generator_: continue this generator instead of a fresh ``generator(config.seed)``.
+        sample_trained: sample x_t with ``params`` (the model being trained, as the older ESD script and the
+            RACE and ANT releases do) instead of the frozen model.
+        give_noise: also pass the start noise x_T ``[1, C, h, w]`` to ``loss_fn`` (RACE's attack target).
+        unet: the frozen UNet that samples x_t (``None``: the pipeline's own; ESD's ``bf16`` passes a bfloat16
+            copy). ``conds`` must be in its dtype.
+
+    Returns:
+        The loss of every iteration.
+    """
+    g = generator_ if generator_ is not None else generator(config.seed)
+    # sample_until reads only .unet and .scheduler: sample with ``unet`` without touching the pipeline
+    sampler = pipe if unet is None else types.SimpleNamespace(unet=unet, scheduler=pipe.scheduler)
+    with torch.no_grad():
+        null = encode_prompts(pipe, [""]).to(conds.dtype)
+    opt = torch.optim.Adam(params.values(), lr=config.lr)
+    losses = []
+    total = config.iterations if iterations is None else iterations
+    for i in track(range(total), desc=desc, total=total):
+        k = i % conds.shape[0]
+        stop = int(torch.randint(0, config.ddim_steps, (), generator=g))
+        noise = start_noise(sampler, 1, g)
+        x_t, t = sample_until(
+            sampler,
+            conds[k : k + 1],
+            null,
+            steps=config.ddim_steps,
+            stop=stop,
+            guidance=config.start_guidance,
+            generator=g,
+            noise=noise,
+            params=detached(params) if sample_trained else None,
+        )
+        loss = loss_fn(k, x_t, t, noise) if give_noise else loss_fn(k, x_t, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def detached(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trainable copies without their gradient tape, to sample or attack with."""
+    return {n: p.detach() for n, p in params.items()}
 
 
 def train(
@@ -130,34 +204,17 @@ def train(
     Args:
         unet: the frozen UNet that samples x_t and gives the targets: the pipeline's own, or a bfloat16 copy.
     """
-    g, dtype = generator(config.seed), unet.dtype
-    # sample_until reads only .unet and .scheduler: sample with ``unet`` without touching the pipeline
-    sampler = types.SimpleNamespace(unet=unet, scheduler=pipe.scheduler)
+    dtype = unet.dtype
     with torch.no_grad():  # the text encoder stays fp32: its embeddings are cast to the training dtype
         conds = encode_prompts(pipe, list(concepts)).to(dtype)
         froms = encode_prompts(pipe, [config.erase_from or c for c in concepts]).to(dtype)
         null = encode_prompts(pipe, [""]).to(dtype)
-    opt = torch.optim.Adam(params.values(), lr=config.lr)
-    losses = []
-    for i in track(range(config.iterations), desc="esd", total=config.iterations):
-        k = i % len(concepts)
+
+    def loss(k: int, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb = {"c": conds[k : k + 1], "from": froms[k : k + 1], "null": null}
-        stop = int(torch.randint(0, config.ddim_steps, (), generator=g))
-        x_t, t = sample_until(
-            sampler,
-            emb["c"],
-            null,
-            steps=config.ddim_steps,
-            stop=stop,
-            guidance=config.start_guidance,
-            generator=g,
-        )
-        loss = esd_loss(unet, params, x_t, t, emb, config.negative_guidance)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+        return esd_loss(unet, params, x_t, t, emb, config.negative_guidance)
+
+    return diffusion_loop(pipe, params, conds, loss, config, "esd", unet=None if unet is pipe.unet else unet)
 
 
 def erase_esd(model: Any, concepts: list[str], config: ESDConfig) -> Patch:
