@@ -35,6 +35,10 @@ QUICK: dict[str, tuple[dict, str]] = {
     "mace-cfr": ({}, UNET_KV),
     "advunlearn": ({**DIFFUSION, "attack_steps": 2, "retain_batch": 1}, r"text_encoder/"),
     "fewshot-te": ({"epochs": 1, "n_images": 2}, r"text_encoder/encoder\.layers\.\d+\.(mlp|self_attn)\."),
+    "leace": ({}, r"unet/.*\.attn2\.(to_[kv]\.weight|to_out\.0\.bias)$"),
+    "rlace": ({"max_iterations": 3}, r"unet/.*\.attn2\.to_[kv]\.weight$"),
+    "all-but-one": (DIFFUSION, UNET_ATTN2),
+    "crce": (DIFFUSION, UNET_ATTN2),
 }
 METHODS = list_methods()
 

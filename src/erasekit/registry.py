@@ -257,6 +257,10 @@ METHOD_MODULES = (
     "erasekit.methods.fewshot_te",
     "erasekit.methods.mace_cfr",
     "erasekit.methods.ablations",
+    "erasekit.methods.leace",
+    "erasekit.methods.rlace",
+    "erasekit.methods.all_but_one",
+    "erasekit.methods.crce",
 )
 METHODS: Registry[Spec] = Registry("method", METHOD_MODULES)
 register = METHODS.register

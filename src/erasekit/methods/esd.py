@@ -14,7 +14,7 @@ Parameter sets (by module path component and type, see :mod:`erasekit.methods.co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,36 +100,68 @@ def esd_loss(
     return F.mse_loss(predict_noise(unet, x_t, t, emb["c"], params), target)
 
 
-def train(
-    pipe: Any, concepts: Sequence[str], config: ESDConfig, params: dict[str, torch.Tensor]
+def diffusion_loop(
+    pipe: Any,
+    params: dict[str, torch.Tensor],
+    conds: torch.Tensor,
+    loss_fn: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+    config: Any,
+    desc: str,
 ) -> list[float]:
-    """Run ESD on ``params`` (trainable copies) in place; returns the loss of every iteration."""
-    unet, g = pipe.unet, generator(config.seed)
+    """ESD's training loop, shared by the methods trained on the frozen model's partial DDIM trajectories.
+
+    Iteration ``i`` takes ``k = i % K``, draws a stopping step uniformly from ``[0, ddim_steps)``, samples x_t
+    from the frozen model conditioned on ``conds[k]`` (guidance ``start_guidance``), and takes one Adam step on
+    ``loss_fn(k, x_t, t)``.
+
+    Args:
+        params: the trainable copies, trained in place.
+        conds: ``[K, 77, D]`` the conditionings x_t is sampled with.
+        loss_fn: ``(k, x_t [1, C, h, w], t) -> scalar loss``.
+        config: has ``iterations``, ``lr``, ``ddim_steps``, ``start_guidance`` and ``seed``.
+
+    Returns:
+        The loss of every iteration.
+    """
+    g = generator(config.seed)
     with torch.no_grad():
-        conds = encode_prompts(pipe, list(concepts))
-        froms = encode_prompts(pipe, [config.erase_from or c for c in concepts])
         null = encode_prompts(pipe, [""])
     opt = torch.optim.Adam(params.values(), lr=config.lr)
     losses = []
-    for i in track(range(config.iterations), desc="esd", total=config.iterations):
-        k = i % len(concepts)
-        emb = {"c": conds[k : k + 1], "from": froms[k : k + 1], "null": null}
+    for i in track(range(config.iterations), desc=desc, total=config.iterations):
+        k = i % conds.shape[0]
         stop = int(torch.randint(0, config.ddim_steps, (), generator=g))
         x_t, t = sample_until(
             pipe,
-            emb["c"],
+            conds[k : k + 1],
             null,
             steps=config.ddim_steps,
             stop=stop,
             guidance=config.start_guidance,
             generator=g,
         )
-        loss = esd_loss(unet, params, x_t, t, emb, config.negative_guidance)
+        loss = loss_fn(k, x_t, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def train(
+    pipe: Any, concepts: Sequence[str], config: ESDConfig, params: dict[str, torch.Tensor]
+) -> list[float]:
+    """Run ESD on ``params`` (trainable copies) in place; returns the loss of every iteration."""
+    with torch.no_grad():
+        conds = encode_prompts(pipe, list(concepts))
+        froms = encode_prompts(pipe, [config.erase_from or c for c in concepts])
+        null = encode_prompts(pipe, [""])
+
+    def loss(k: int, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = {"c": conds[k : k + 1], "from": froms[k : k + 1], "null": null}
+        return esd_loss(pipe.unet, params, x_t, t, emb, config.negative_guidance)
+
+    return diffusion_loop(pipe, params, conds, loss, config, "esd")
 
 
 def erase_esd(model: Any, concepts: list[str], config: ESDConfig) -> Patch:
