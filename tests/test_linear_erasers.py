@@ -1,7 +1,7 @@
 """LEACE and R-LACE: their rows, their defining properties against plain code, and the exactness of the fold.
 
-The plain references here use only torch and the pipeline's tokenizer, text encoder and UNet, never the helpers
-in ``erasekit.methods``.
+The plain references here use only torch and the pipeline's tokenizer, text encoder and UNet, never the
+helpers in ``erasekit.methods``.
 """
 
 from __future__ import annotations

@@ -1,23 +1,25 @@
-"""Shared by LEACE and R-LACE: the labelled text-encoder rows they are fitted on, and the fold of a linear eraser
-into the UNet's cross-attention.
+"""Shared by LEACE and R-LACE: the labelled text-encoder rows they are fitted on, and the fold of a linear
+eraser into the UNet's cross-attention.
 
-**Rows.** Both methods learn a map of the conditioning rows (the pipeline's ``encode_prompt`` output, SD1.x: the
-text encoder's ``last_hidden_state``) that makes the concept linearly unreadable. The concept class is every row
-from the concept's first token to the end of the padded prompt (its token rows, the rest of the caption, EOS
-and padding) of prompts naming the concept; the other class is the same rows of the same prompts with the
-concept replaced by a contrast concept. CLIP's attention is causal, so the rows before the concept are the same
-in both prompts of a pair (they carry no label) and every row after it carries the concept: those are the rows
-the UNet reads it from. Pairing the prompts leaves the concept as the only difference between the classes.
+**Rows.** Both methods learn a map of the conditioning rows (the pipeline's ``encode_prompt`` output, SD1.x:
+the text encoder's ``last_hidden_state``) that makes the concept linearly unreadable. The concept class is
+every row from the concept's first token to the end of the padded prompt (its token rows, the rest of the
+caption, EOS and padding) of prompts naming the concept; the other class is the same rows of the same prompts
+with the concept replaced by a contrast concept. CLIP's attention is causal, so the rows before the concept
+are the same in both prompts of a pair (they carry no label) and every row after it carries the concept: those
+are the rows the UNet reads it from. Pairing the prompts leaves the concept as the only difference between
+the classes.
 
 On MiniCanvas the prompts are the world's captions (every caption template of the concept's kind, filled with
 each concept of the other kind) and the contrast concepts are the other concepts of the kind.
 
-**Fold.** An affine eraser r(c) = c − Q (c − μ) (``Q [D, D]``; μ = 0 for a plain projection) applied to every
-row the UNet cross-attends to is the same as replacing each attn2 ``to_k``/``to_v`` weight W by W (I − Q) and
-adding the constant W Q μ to its outputs. SD1.x projections have no bias, so the constant goes where it has the
-same effect: a key shift shared by every key adds the same number to all of a query's logits, which softmax
-ignores (dropped exactly); a value shift is passed through unchanged by attention weights that sum to one and
-is folded into ``attn2.to_out.0.bias`` as W_out W_v Q μ. A projection that has a bias takes W Q μ into it.
+**Fold.** An affine eraser r(c) = c − Q (c − μ) (``Q [D, D]``; μ = 0 for a plain projection) applied to
+every row the UNet cross-attends to is the same as replacing each attn2 ``to_k``/``to_v`` weight W by
+W (I − Q) and adding the constant W Q μ to its outputs. SD1.x projections have no bias, so the constant goes
+where it has the same effect: a shift shared by every key adds the same number to all of a query's logits,
+which softmax ignores (so it is dropped, exactly); a value shift passes unchanged through attention weights
+that sum to one and is folded into ``attn2.to_out.0.bias`` as W_out W_v Q μ. A projection that has a bias
+takes W Q μ into it.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class RowsConfig:
     templates: tuple[str, ...] = field(
         default=(),
         metadata={
-            "help": "prompt templates with {} for the concept; () = the world's captions (MiniCanvas), else {}"
+            "help": "prompt templates with {} for the concept; () = MiniCanvas's captions, else just {}"
         },
     )
     projections: tuple[str, ...] = field(
@@ -140,7 +142,7 @@ def concept_rows(pipe: Any, concept: str, frames: Sequence[tuple[str, str]]) -> 
 
 
 def labelled_rows(pipe: Any, concepts: Sequence[str], config: RowsConfig, method: str) -> Rows:
-    """The concept rows of each erased concept (label k) and the contrast rows (no label), see the module doc."""
+    """The concept rows of each erased concept (label k) and the contrast rows (no label): see module doc."""
     contrast, frames = contrast_and_frames(concepts, config, method)
     xs, zs = [], []
     for k, concept in enumerate(concepts):
@@ -155,7 +157,7 @@ def labelled_rows(pipe: Any, concepts: Sequence[str], config: RowsConfig, method
 
 
 def check_foldable(unet: nn.Module, names: Sequence[str]) -> None:
-    """Refuse attention modules whose keys and values are not linear in the conditioning (a norm before them)."""
+    """Refuse attention whose keys and values are not linear in the conditioning (a norm before them)."""
     for name in names:
         attn = unet.get_submodule(name.rsplit(".", 1)[0])
         if getattr(attn, "norm_cross", None) is not None:

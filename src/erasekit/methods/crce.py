@@ -1,24 +1,25 @@
-"""CRCE: Coreference-Retention Concept Erasure (Xue et al., arXiv 2503.14232), ESD erasing a concept together with
-its coreferent concepts while keeping named retained ones.
+"""CRCE: Coreference-Retention Concept Erasure (Xue et al., arXiv 2503.14232), ESD erasing a concept together
+with its coreferent concepts while keeping named retained ones.
 
-Paper-level: the code was announced "upon acceptance" and is not released; only the abstract and summaries could
-be read here. The paper asks an LLM for M coreferents (other names and wordings of the target, erased with it)
-and N retained concepts (distinct but related, kept), and reports M = 5, N = 3 as the best balance, on an ESD
-backbone. Our reading of the joint loss, at iteration i with e = E[i mod |E|] for the erase set E = targets +
-coreferents::
+Paper-level: the code was to be released "upon acceptance" and is not; only the abstract and third-party
+summaries could be read here. The paper asks an LLM for M coreferents (other names and wordings of the target,
+erased with it) and N retained concepts (distinct but related, kept), reports M = 5, N = 3 as the best
+balance and builds on ESD. Our reading of the joint loss, at iteration i with e = E[i mod |E|] for the erase
+set E = targets + coreferents::
 
     L = ‖ε_θ(x_t, e, t) − [ε*(x_t, e, t) − η (ε*(x_t, e, t) − ε*(x_t, ∅, t))]‖²
         + β · (1/N) Σ_r ‖ε_θ(x_t, r, t) − ε*(x_t, r, t)‖²
 
-(means over elements; x_t ``[1, C, h, w]`` from the frozen model's partial DDIM run conditioned on e, the retained
-predictions batched ``[N, C, h, w]`` on the same x_t). The first term is ESD's (:func:`erasekit.methods.esd.esd_loss`)
-and the loop is ESD's (:func:`erasekit.methods.esd.diffusion_loop`); the exact weighting β, which ESD variant
-and the schedule could not be confirmed, so ESD-x's parameters and its newer schedule (200 iterations, Adam 5e-5,
-η = 2) are used with β = 1. The paper's "manifold-aware" form of the retain term is not recovered.
+(means over elements; x_t ``[1, C, h, w]`` from the frozen model's partial DDIM run conditioned on e; the
+retained predictions batched ``[N, C, h, w]`` on the same x_t). The first term is ESD's
+(:func:`erasekit.methods.esd.esd_loss`) and the loop is ESD's (:func:`erasekit.methods.esd.diffusion_loop`).
+The weighting β, the ESD variant and the schedule could not be confirmed (summaries call the loss
+"manifold-aware"; its form could not be read): ESD-x's parameters and its newer schedule (200 iterations,
+Adam 5e-5, η = 2) are used with β = 1.
 
 On MiniCanvas the world stands in for the LLM: the coreferents are the concept's synonyms, then the world's
-single-concept captions of its name and of its synonyms ("a picture of a fish", "A goldfish image."), the first
-M; the retained are the other concepts of its kind, those of its super-category first, the first N.
+single-concept captions of its name and of its synonyms ("a picture of a fish", "A goldfish image."), the
+first M; the retained are the other concepts of its kind, those of its super-category first, the first N.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class CRCEConfig:
 
 
 def world_coreferents(concept: str, m: int) -> list[str]:
-    """The first ``m`` of: the concept's synonyms, then its kind's one-concept captions of its name and synonyms."""
+    """The first ``m`` of: the concept's synonyms, then its kind's one-concept captions of its names."""
     from erasekit.minicanvas.world import OBJECT_TEMPLATES, STYLE_TEMPLATES, concept_info
 
     info = concept_info(concept)
@@ -98,7 +99,7 @@ def world_retained(concepts: list[str], n: int) -> list[str]:
 
 
 def erase_and_retain(concepts: list[str], config: CRCEConfig) -> tuple[list[str], list[str]]:
-    """``(E, R)``: the erase set (targets, then coreferents) and the retained concepts (never an erased one)."""
+    """``(E, R)``: the erase set (targets, then coreferents) and the retained concepts (none erased)."""
     from erasekit.methods._closed_form import world_kind_mates
 
     needs_world = config.coreferents is None or config.retained is None
@@ -121,7 +122,12 @@ def retain_loss(
     t: torch.Tensor,
     kept: torch.Tensor,
 ) -> torch.Tensor:
-    """(1/N) Σ_r ‖ε_θ(x_t, r, t) − ε*(x_t, r, t)‖² over ``kept`` ``[N, 77, D]``, batched on one ``x_t`` [1, C, h, w]."""
+    """(1/N) Σ_r ‖ε_θ(x_t, r, t) − ε*(x_t, r, t)‖², batched over the retained on one x_t.
+
+    Args:
+        x_t: ``[1, C, h, w]``.
+        kept: ``[N, 77, D]`` the retained concepts' conditioning.
+    """
     many = x_t.expand(kept.shape[0], -1, -1, -1)
     with torch.no_grad():
         target = predict_noise(unet, many, t, kept)
@@ -151,10 +157,14 @@ def erase_crce(model: LoadedModel, concepts: list[str], config: CRCEConfig) -> P
     return Patch.from_tensors(model, "unet", {n: p.detach() for n, p in params.items()})
 
 
+#: The leaderboard's budget on MiniCanvas (docs/baselines.md): half the paper preset's iterations, about 4.5
+#: CPU-minutes per concept instead of 9.
+BUDGET = {"iterations": 100}
+
 register(
     "crce",
     CRCEConfig,
-    presets={"paper": {}},
+    presets={"paper": {}, "budget": BUDGET},
     strength=Strength("iterations", (25, 50, 100, 200)),
     summary="CRCE: ESD on the concept and its coreferents jointly, keeping retained concepts (paper-level)",
 )(erase_crce)

@@ -110,9 +110,9 @@ def diffusion_loop(
 ) -> list[float]:
     """ESD's training loop, shared by the methods trained on the frozen model's partial DDIM trajectories.
 
-    Iteration ``i`` takes ``k = i % K``, draws a stopping step uniformly from ``[0, ddim_steps)``, samples x_t
-    from the frozen model conditioned on ``conds[k]`` (guidance ``start_guidance``), and takes one Adam step on
-    ``loss_fn(k, x_t, t)``.
+    Iteration ``i`` takes ``k = i % K``, draws a stopping step uniformly from ``[0, ddim_steps)``, samples
+    x_t from the frozen model conditioned on ``conds[k]`` (guidance ``start_guidance``), and takes one Adam
+    step on ``loss_fn(k, x_t, t)``.
 
     Args:
         params: the trainable copies, trained in place.

@@ -1,26 +1,26 @@
-"""R-LACE: Relaxed Linear Adversarial Concept Erasure (Ravfogel et al., ICML 2022), fitted on the conditioning rows
-and folded into the UNet's cross-attention.
+"""R-LACE: Relaxed Linear Adversarial Concept Erasure (Ravfogel et al., ICML 2022), fitted on the conditioning
+rows and folded into the UNet's cross-attention.
 
-A minimax game over the rows x [D] with binary labels y (a row of an erased concept or of a contrast concept)::
+A minimax game over the rows x [D] with binary labels y (a row of an erased concept or of a contrast one)::
 
     min_{P ∈ F_k} max_{w, b}  −BCE(y, wᵀ (I − P) x + b),     F_k = {P = Pᵀ, 0 ⪯ P ⪯ I, tr P = k}
 
 (the rank-k Fantope, the convex hull of rank-k orthogonal projections), played by alternating SGD steps: one
-ascent step on P followed by the Euclidean projection back onto F_k (eigenvalues λ ↦ clip(λ − θ, 0, 1) with θ
-found by bisection so they sum to k), then one descent step on the linear classifier (w [D], b). Every
-``evaluate_every`` steps a fresh logistic classifier is fitted on the rows projected by I − U Uᵀ (U [D, k]: the
-top-k eigenvectors of P); the P whose classifier has the highest log loss is kept, and the game stops once the
-best accuracy seen is within ``epsilon`` of the majority-class rate. The eraser is the orthogonal projection
-I − U Uᵀ of that P, folded into every attn2 ``to_k``/``to_v`` as W (I − U Uᵀ); it has no mean term, so the fold is
-exact (:mod:`erasekit.methods._projection`, which also defines the rows).
+ascent step on P followed by the Euclidean projection back onto F_k (eigenvalues λ ↦ clip(λ − θ, 0, 1), θ
+found by bisection so that they sum to k), then one descent step on the linear classifier (w [D], b). Every
+``evaluate_every`` rounds a fresh logistic classifier is fitted on the rows projected by I − U Uᵀ (U [D, k]:
+the top-k eigenvectors of P); the P whose classifier has the highest log loss is kept, and the game stops once
+the best accuracy seen is within ``epsilon`` of the majority-class rate. The eraser is the orthogonal
+projection I − U Uᵀ of that P, folded into every attn2 ``to_k``/``to_v`` as W (I − U Uᵀ); it has no mean term,
+so the fold is exact (:mod:`erasekit.methods._projection`, which also defines the rows).
 
 The ``paper`` preset follows ``solve_adv_game`` in ``rlace.py`` of shauli-ravfogel/rlace-icml at commit
-2d9b6d03f65416172b4a2ca7f6da10e374002e5f: rank 1, SGD lr 0.005 and weight decay 1e-4 for both players, batches
-of 128, P initialised as 0.1·N(0, 1), at most 75000 rounds, an evaluation every 1000 (on the training rows, as
-released), stop within 0.15% of the majority accuracy. The release scores each evaluation with three sklearn
-``SGDClassifier`` fits (log loss, α 1e-4) and keeps the lowest loss; here one L2-regularised logistic regression
-(the same objective, α 1e-4) is fitted by L-BFGS, which is deterministic. No maintained package implements
-R-LACE, so this is our own implementation of the released algorithm.
+2d9b6d03f65416172b4a2ca7f6da10e374002e5f: rank 1, SGD lr 0.005 and weight decay 1e-4 for both players,
+batches of 128, P initialised as 0.1·N(0, 1), at most 75000 rounds, an evaluation every 1000 (on the training
+rows, as released), stop within 0.15% of the majority accuracy. The release scores each evaluation with three
+sklearn ``SGDClassifier`` fits (log loss, α 1e-4) and keeps the lowest loss; here one L2-regularised logistic
+regression (the same objective, α 1e-4) is fitted by L-BFGS, which is deterministic. No maintained package
+implements R-LACE (the release is a script, not a package), so this is our own implementation of it.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def fantope_projection(p: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def top_subspace(p: torch.Tensor, rank: int) -> torch.Tensor:
-    """``U Uᵀ`` [D, D] of the top-``rank`` eigenvectors of a symmetric ``p``: what the final eraser removes."""
+    """``U Uᵀ`` [D, D] of the top-``rank`` eigenvectors of a symmetric ``p``: what the eraser removes."""
     u = torch.linalg.eigh(p).eigenvectors[:, -rank:]  # eigh sorts ascending
     return u @ u.T
 
@@ -174,7 +174,7 @@ def solve_game(
 
 
 def erase_rlace(model: LoadedModel, concepts: list[str], config: RLACEConfig) -> Patch:
-    """R-LACE: fold the rank-k adversarially learned projection of the conditioning rows into attn2 to_k/to_v."""
+    """R-LACE: fold the rank-k adversarially learned projection of the conditioning rows into attn2."""
     pipe = check_family(model, "rlace")
     rows = labelled_rows(pipe, concepts, config, "rlace")
     removed, _ = solve_game(rows.x, rows.z.amax(dim=1), config)
