@@ -3,7 +3,8 @@
 Each iteration draws x_t by partial DDIM from the frozen model (:func:`erasekit.denoising.sample_until`) and
 regresses the trainable UNet's ε(x_t, c, t) onto ``ε*(x_t, c_from, t) − η (ε*(x_t, c, t) − ε*(x_t, ∅, t))``,
 where ε* is the frozen model. Training runs on copies of the selected parameters through
-``torch.func.functional_call``; the loaded model is never modified.
+``torch.func.functional_call``; the loaded model is never modified. The loop (:func:`diffusion_loop`) is
+shared with the methods that train on the same partial trajectories with another loss (All but One, CRCE).
 
 Parameter sets (by module path component and type, see :mod:`erasekit.methods.common`):
 

@@ -121,6 +121,22 @@ def logistic_fit(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[float, fl
     return loss, accuracy
 
 
+def score(x: torch.Tensor, y: torch.Tensor, p: torch.Tensor, rank: int, l2: float) -> tuple[float, float]:
+    """``(log loss, accuracy)`` of a logistic classifier fitted on ``x`` [n, D] projected by I − U Uᵀ."""
+    x = x.to(torch.float64)
+    kept = torch.eye(x.shape[1], dtype=torch.float64) - top_subspace(p.to(torch.float64), rank)
+    return logistic_fit(x @ kept, y, l2)
+
+
+def players(d: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(P [D, D], w [D], b)``: P ~ 0.1·N(0, 1) as released; w, b as ``nn.Linear`` initialises them."""
+    p = 0.1 * torch.randn(d, d, generator=g)
+    bound = d**-0.5
+    w = (torch.rand(d, generator=g) * 2 - 1) * bound
+    b = (torch.rand((), generator=g) * 2 - 1) * bound
+    return p.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True)
+
+
 def solve_game(
     x: torch.Tensor, y: torch.Tensor, config: RLACEConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -131,38 +147,29 @@ def solve_game(
     """
     g = generator(config.seed)
     x, y = x.to(torch.float32), y.to(torch.float32)
-    n, d = x.shape
-    eye = torch.eye(d)
-    p = (0.1 * torch.randn(d, d, generator=g)).requires_grad_(True)
-    bound = d**-0.5  # nn.Linear's default initialisation, drawn from the seeded generator
-    w = ((torch.rand(d, generator=g) * 2 - 1) * bound).requires_grad_(True)
-    b = ((torch.rand((), generator=g) * 2 - 1) * bound).requires_grad_(True)
+    eye = torch.eye(x.shape[1])
+    p, w, b = players(x.shape[1], g)
     opt_p = torch.optim.SGD([p], lr=config.lr, weight_decay=config.weight_decay)
     opt_clf = torch.optim.SGD([w, b], lr=config.lr, weight_decay=config.weight_decay)
     majority = max(y.mean().item(), 1 - y.mean().item())
 
-    def bce(proj: torch.Tensor) -> torch.Tensor:
-        idx = torch.randperm(n, generator=g)[: config.batch_size]
-        return F.binary_cross_entropy_with_logits(x[idx] @ (eye - proj) @ w + b, y[idx])
+    def step(opt: torch.optim.Optimizer, sign: float, proj: torch.Tensor) -> None:
+        idx = torch.randperm(x.shape[0], generator=g)[: config.batch_size]
+        opt.zero_grad()
+        (sign * F.binary_cross_entropy_with_logits(x[idx] @ (eye - proj) @ w + b, y[idx])).backward()
+        opt.step()
 
     best_p, best_loss, best_acc, rounds = p.detach().clone(), -1.0, 1.0, 0
     for i in track(range(config.max_iterations), desc="rlace", total=config.max_iterations):
         rounds = i + 1
         with torch.no_grad():
             p.copy_((p + p.T) / 2)
-        opt_p.zero_grad()
-        (-bce(p)).backward()  # the eraser ascends the classifier's loss
-        opt_p.step()
+        step(opt_p, -1.0, p)  # the eraser ascends the classifier's loss, then returns to the Fantope
         with torch.no_grad():
             p.copy_(fantope_projection((p + p.T) / 2, config.rank))
-        opt_clf.zero_grad()
-        bce(p.detach()).backward()
-        opt_clf.step()
+        step(opt_clf, 1.0, p.detach())
         if i % config.evaluate_every == 0:
-            removed = top_subspace(p.detach().to(torch.float64), config.rank)
-            loss, acc = logistic_fit(
-                x.to(torch.float64) @ (torch.eye(d, dtype=torch.float64) - removed), y, config.eval_l2
-            )
+            loss, acc = score(x, y, p.detach(), config.rank, config.eval_l2)
             if loss > best_loss:
                 best_p, best_loss = p.detach().clone(), loss
             if abs(acc - majority) < abs(best_acc - majority):
