@@ -41,6 +41,10 @@ QUICK: dict[str, tuple[dict, str]] = {
         {"epochs": 1, "trajectories": 2, "reg_trajectories": 2, "ddim_steps": 4, "early_steps": 1},
         r"unet/.*\.(attn1\.|attn2\.to_[qkv]\.)",
     ),
+    "leace": ({}, r"unet/.*\.attn2\.(to_[kv]\.weight|to_out\.0\.bias)$"),
+    "rlace": ({"max_iterations": 3}, r"unet/.*\.attn2\.to_[kv]\.weight$"),
+    "all-but-one": (DIFFUSION, UNET_ATTN2),
+    "crce": (DIFFUSION, UNET_ATTN2),
 }
 METHODS = list_methods()
 

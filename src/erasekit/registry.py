@@ -260,6 +260,10 @@ METHOD_MODULES = (
     "erasekit.methods.race",
     "erasekit.methods.ant",
     "erasekit.methods.trce",
+    "erasekit.methods.leace",
+    "erasekit.methods.rlace",
+    "erasekit.methods.all_but_one",
+    "erasekit.methods.crce",
 )
 METHODS: Registry[Spec] = Registry("method", METHOD_MODULES)
 register = METHODS.register
