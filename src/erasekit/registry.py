@@ -257,6 +257,7 @@ METHOD_MODULES = (
     "erasekit.methods.fewshot_te",
     "erasekit.methods.mace_cfr",
     "erasekit.methods.ablations",
+    "erasekit.methods.spm",
 )
 METHODS: Registry[Spec] = Registry("method", METHOD_MODULES)
 register = METHODS.register
