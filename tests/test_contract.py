@@ -35,6 +35,11 @@ QUICK: dict[str, tuple[dict, str]] = {
     "mace-cfr": ({}, UNET_KV),
     "advunlearn": ({**DIFFUSION, "attack_steps": 2, "retain_batch": 1}, r"text_encoder/"),
     "fewshot-te": ({"epochs": 1, "n_images": 2}, r"text_encoder/encoder\.layers\.\d+\.(mlp|self_attn)\."),
+    # FT off: the merged plain Patch (FT on, the hooked artifact, has its contract in tests/test_spm.py)
+    "spm": (
+        {"iterations": 2, "ddim_steps": 3, "warmup": 0, "facilitated_transport": False},
+        r"unet/.*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn1|attn2|ff)\.).*weight$",
+    ),
 }
 METHODS = list_methods()
 
