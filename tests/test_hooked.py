@@ -13,7 +13,8 @@ from erasekit.errors import ErasekitError
 from erasekit.evaluation.record import model_fingerprint
 from erasekit.generation import Request, Sampling, render
 from erasekit.hooked import MODULE_FILE, AddedModule, HookedPatch, HookSpec, compose, load_erasure
-from erasekit.hooks import HOOK_KINDS, LowRankAdapter, low_rank_config_for
+from erasekit.hooks import HOOK_KINDS
+from erasekit.hooks.adapters import LowRankAdapter, low_rank_config_for
 from erasekit.methods.spm import transformer_layers
 from erasekit.patch import CONFIG_FILE, TENSOR_FILE, Patch
 from erasekit.registry import config_to_dict
@@ -235,7 +236,7 @@ def test_ft_scales_each_prompt_as_the_plain_computation(model, exponent):
 
 
 def test_ft_reads_learned_conditioning_by_its_cosine(model):
-    from erasekit.hooks import PromptGateConfig, PromptGateState, encode_targets, permeability
+    from erasekit.hooks.prompt_gate import PromptGateConfig, PromptGateState, encode_targets, permeability
 
     pipe, gate_config = model.pipeline, PromptGateConfig(prompts=("neon",))
     targets = encode_targets(pipe.tokenizer, pipe.text_encoder, gate_config.prompts)

@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from erasekit.errors import ErasekitError
-from erasekit.fingerprint import dtype_name, fingerprints, tensor_sha256
-from erasekit.hooks import Gate, hook_kind, module_type, parse_config
+from erasekit.fingerprint import tensor_sha256
+from erasekit.hooks import AddedModule, Gate, HookSpec, attach_residual, hook_kind, resolve_point
 from erasekit.io import atomic_write_json, output_dir
 from erasekit.patch import (
     _KNOWN_KEYS,
@@ -51,103 +50,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _KEYS = _KNOWN_KEYS | {"modules", "hooks"}
 _MODULE_KEYS = {"name", "type", "config", "attach", "fingerprints", "tensors"}
 _HOOK_KEYS = {"name", "kind", "config", "attach", "gates"}
-
-
-@dataclass(frozen=True, kw_only=True)
-class AddedModule:
-    """One added module.
-
-    Attributes:
-        name: unique within the artifact (SPM uses the attach point).
-        type: a registered module type (:data:`erasekit.hooks.MODULE_TYPES`).
-        config: its JSON config.
-        attach: ``"component/qualified.module"``: its output is added to that module's.
-        tensors: its own weights by parameter name (``down.weight``).
-        fingerprints: ``{"component/qualified.module.param": {dtype: sha256}}`` of every tensor of the base module it
-            attaches to.
-    """
-
-    name: str
-    type: str
-    config: dict[str, Any]
-    attach: str
-    tensors: dict[str, torch.Tensor]
-    fingerprints: dict[str, dict[str, str]]
-
-    def __post_init__(self) -> None:
-        split_key(self.attach)
-        if not self.fingerprints or any(not k.startswith(f"{self.attach}.") for k in self.fingerprints):
-            raise ErasekitError(f"module {self.name}: fingerprints must name the tensors of {self.attach}")
-        self.parsed()
-
-    @classmethod
-    def attached_to(
-        cls, model: Any, attach: str, type: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> AddedModule:
-        """A module attached to ``attach`` of ``model`` (only read), named after it; its base is fingerprinted."""
-        target = _target(_components_of(model), attach)
-        prints = {f"{attach}.{n}": fingerprints(t) for n, t in target.state_dict().items()}
-        own = {k: v.detach().to("cpu", torch.float32).clone() for k, v in tensors.items()}
-        return cls(name=attach, type=type, config=config, attach=attach, tensors=own, fingerprints=prints)
-
-    def parsed(self) -> Any:
-        return parse_config(module_type(self.type).config_cls, self.config, f"module {self.name}")
-
-    def build(self, device: Any = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-        """The module with its weights loaded strictly (missing, unexpected or misshapen weights are errors).
-
-        Built on the meta device first, so building draws nothing from torch's global random generator."""
-        with torch.device("meta"):
-            module = module_type(self.type).build(self.parsed())
-        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        have = {k: tuple(v.shape) for k, v in self.tensors.items()}
-        if want != have:
-            raise ErasekitError(f"module {self.name}: weights {sorted(have)} do not fit a {self.type} {want}")
-        module = module.to_empty(device=device)
-        module.load_state_dict(self.tensors, strict=True)
-        if dtype is not None:
-            module = module.to(dtype)
-        return module.eval().requires_grad_(False)
-
-    def check(self, components: Any) -> None:
-        """Raise unless the live module at :attr:`attach` fits this module and matches its base fingerprints."""
-        target = _target(components, self.attach)
-        reason = module_type(self.type).misfit(self.parsed(), target)
-        if reason:
-            raise ErasekitError(f"module {self.name} cannot attach to {self.attach}: {reason}")
-        live = {f"{self.attach}.{n}": t for n, t in target.state_dict().items()}
-        if set(live) != set(self.fingerprints):
-            raise ErasekitError(
-                f"wrong base model: {self.attach} does not hold the tensors the artifact was made on"
-            )
-        for key, t in live.items():
-            if self.fingerprints[key].get(dtype_name(t.dtype)) != tensor_sha256(t):
-                raise ErasekitError(f"wrong base model: {key}, which module {self.name} attaches to, differs")
-
-    def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.tensors.values())
-
-
-@dataclass(frozen=True, kw_only=True)
-class HookSpec:
-    """A named, configured hook: a registered kind (:data:`erasekit.hooks.HOOK_KINDS`), its JSON config, and the
-    added modules (by name) whose gate it sets."""
-
-    name: str
-    kind: str
-    config: dict[str, Any]
-    gates: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        self.parsed()
-
-    def parsed(self) -> Any:
-        return parse_config(hook_kind(self.kind).config_cls, self.config, f"hook {self.name}")
-
-    @property
-    def attach(self) -> tuple[str, ...]:
-        """The components or ``component/qualified`` modules it registers hooks on."""
-        return tuple(hook_kind(self.kind).attach_points(self.parsed()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,7 +144,7 @@ class HookedPatch:
             m.check(components)
         for h in self.hooks:
             for point in h.attach:
-                _target(components, point)
+                resolve_point(components, point)
 
     def apply_(self, model: Any, check: bool = True) -> HookedHandle:
         """Write the tensors, then attach the modules and hooks, to ``model`` (a pipeline or LoadedModel).
@@ -259,7 +161,7 @@ class HookedPatch:
         try:
             handle.patch = self.patch.apply_(model, check=False) if self.patch is not None else None
             for m in self.modules:
-                handle.hooks.append(_attach_residual(components, m, gate_of.get(m.name, Gate())))
+                handle.hooks.append(attach_residual(components, m, gate_of.get(m.name, Gate())))
             for h in self.hooks:
                 handle.hooks += hook_kind(h.kind).install(components, h.parsed(), gates[h.name])
         except BaseException:
@@ -469,29 +371,6 @@ def conflicts(patch: Patch | None, modules: Sequence[AddedModule], hooks: Sequen
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
-
-
-def _target(components: Any, point: str) -> nn.Module:
-    """The live module at ``component`` or ``component/qualified``, or a one-line error."""
-    comp, _, qual = point.partition("/")
-    if components.get(comp) is None:
-        raise ErasekitError(f"the artifact needs component {comp!r}, which the model does not have")
-    try:
-        return components[comp].get_submodule(qual) if qual else components[comp]
-    except AttributeError:
-        raise ErasekitError(f"wrong base model: it has no module {point}") from None
-
-
-def _attach_residual(components: Any, module: AddedModule, gate: Gate) -> Any:
-    """Register ``target(x) + gate · module(x)`` on the attach point; returns the removable handle."""
-    target = _target(components, module.attach)
-    ref = next(iter(target.parameters()))
-    built = module.build(ref.device, ref.dtype)
-
-    def residual(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out + gate.scale_for(out) * built(args[0])
-
-    return target.register_forward_hook(residual)
 
 
 def _renamed(m: AddedModule, name: str) -> AddedModule:

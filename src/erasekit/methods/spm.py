@@ -36,7 +36,8 @@ from torch import nn
 from erasekit.denoising import check_unet_family, ddim, encode_prompts, predict_noise, sample_until
 from erasekit.errors import ErasekitError
 from erasekit.hooked import AddedModule, HookedPatch, HookSpec
-from erasekit.hooks import METRICS, LowRankAdapter, low_rank_config_for
+from erasekit.hooks.adapters import LowRankAdapter, low_rank_config_for
+from erasekit.hooks.prompt_gate import METRICS
 from erasekit.methods.common import check_choice, check_positive, frozen, generator
 from erasekit.patch import Patch
 from erasekit.progress import track
