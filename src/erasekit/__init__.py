@@ -6,6 +6,7 @@ The public API is imported lazily so that ``import erasekit`` stays fast::
     model = erasekit.load("path/to/sd-folder")        # or a Hub id, or "minicanvas"
     patch = erasekit.erase(model, ["Van Gogh"], method="hirm-r", preset="paper", concept_type="style")
     patch.save("van-gogh.patch")
+    artifact = erasekit.load_erasure("van-gogh.patch")  # a Patch, or a HookedPatch (added modules + a hook)
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ _LAZY = {
     "load": "erasekit.models.loading",
     "LoadedModel": "erasekit.models.loading",
     "Patch": "erasekit.patch",
+    "HookedPatch": "erasekit.hooked",
+    "load_erasure": "erasekit.hooked",
+    "compose": "erasekit.hooked",
     "erase": "erasekit.registry",
     "make_config": "erasekit.registry",
     "get_method": "erasekit.registry",

@@ -31,6 +31,7 @@ def export_component(
     module = model.components.get(component)
     if module is None:
         raise ErasekitError(f"{model.source} has no component {component!r}")
+    _plain([patch], "export")
     if component not in patch.components:
         raise ErasekitError(
             f"the patch changes nothing in {component!r} (it changes {', '.join(patch.components)})"
@@ -85,6 +86,7 @@ def save_patched_model(
     overwrite: bool = False,
 ) -> Path:
     """Apply ``patches`` (fingerprint-checked) and write the whole model as a diffusers folder."""
+    _plain(patches, "apply")
     patch = Patch.compose(patches, merge)
     with patch.applied(model), output_dir(out, overwrite) as tmp:
         if model.pipeline is not None:
@@ -103,6 +105,16 @@ def save_patched_model(
             json.dumps([p.summary() for p in patches], indent=2) + "\n"
         )
     return Path(out)
+
+
+def _plain(patches: Sequence[Any], what: str) -> None:
+    """Refuse hooked artifacts: a folder of weights cannot hold added modules or a hook."""
+    for p in patches:
+        if not isinstance(p, Patch):
+            raise ErasekitError(
+                f"cannot {what} {getattr(p, 'method', '') or 'a hooked artifact'}: its added modules and hook do not fit "
+                "in a folder of weights (use it with generate, eval or attack)"
+            )
 
 
 class _Components:

@@ -29,7 +29,9 @@ from erasekit.io import atomic_write_json, output_dir
 FORMAT_VERSION = 1
 CONFIG_FILE = "erasure_config.json"
 TENSOR_FILE = "patch.safetensors"
+KIND = "patch"  # erasure_config.json's "kind"; files without one are patches (see erasekit.hooked)
 _KNOWN_KEYS = {
+    "kind",
     "format_version",
     "method",
     "config",
@@ -265,6 +267,7 @@ class Patch:
 
     def _config_json(self) -> dict[str, Any]:
         return {
+            "kind": KIND,
             "format_version": FORMAT_VERSION,
             "method": self.method,
             "config": self.config,
@@ -351,7 +354,8 @@ def _components_of(model: Any) -> Mapping[str, Any]:
     return comps
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path, known: set[str] = _KNOWN_KEYS, kind: str = KIND) -> dict[str, Any]:
+    """The artifact's ``erasure_config.json``, checked to be of ``kind`` (no ``kind`` field means a patch)."""
     cfg = path / CONFIG_FILE
     if not path.is_dir():
         raise ErasekitError(f"no patch at {path}: not a directory")
@@ -363,9 +367,13 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ErasekitError(f"corrupt patch {path}: {CONFIG_FILE} is not valid JSON ({e.msg})") from None
     if not isinstance(meta, dict) or "fingerprints" not in meta or "method" not in meta:
         raise ErasekitError(f"corrupt patch {path}: {CONFIG_FILE} lacks 'method' or 'fingerprints'")
+    if meta.get("kind", KIND) != kind:
+        raise ErasekitError(
+            f"{path} is a {meta['kind']!r} artifact, not a {kind!r} one; load it with erasekit.load_erasure"
+        )
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ErasekitError(f"patch {path} has format {meta['format_version']}; this erasekit reads up to 1")
-    unknown = sorted(set(meta) - _KNOWN_KEYS)
+    unknown = sorted(set(meta) - known)
     if unknown:
         warnings.warn(f"patch {path}: ignoring unknown config keys {unknown}", stacklevel=3)
     return meta

@@ -264,6 +264,7 @@ METHOD_MODULES = (
     "erasekit.methods.rlace",
     "erasekit.methods.all_but_one",
     "erasekit.methods.crce",
+    "erasekit.methods.spm",
 )
 METHODS: Registry[Spec] = Registry("method", METHOD_MODULES)
 register = METHODS.register

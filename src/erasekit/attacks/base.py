@@ -85,7 +85,8 @@ class AttackTarget:
 
     Attributes:
         model: the :class:`~erasekit.models.loading.LoadedModel`, unpatched (the base model).
-        patch: the erasure under attack (all ``--patch`` composed), or ``None`` for the base model itself.
+        patch: the erasure under attack (all ``--patch`` composed: a Patch or a
+            :class:`~erasekit.hooked.HookedPatch`), or ``None`` for the base model itself.
         prompts: the prompt set, already cut to the budget's ``prompts``.
         sampling: how the run generates (the model's defaults unless the user set them).
         seeds: the run's image seeds (each candidate is generated once per seed).

@@ -27,8 +27,8 @@ from erasekit.concepts import guess_type
 from erasekit.errors import ErasekitError
 from erasekit.evaluation.protocols.minicanvas import seed_list
 from erasekit.generation import Sampling
+from erasekit.hooked import compose
 from erasekit.io import atomic_write_json, atomic_write_text, check_output_dir, output_dir
-from erasekit.patch import Patch
 
 if TYPE_CHECKING:
     from erasekit.models.loading import LoadedModel
@@ -61,7 +61,8 @@ def run_attack(
         concept: the erased concept.
         attack: registry name.
         concept_type: ``style``, ``object`` or ``nsfw`` (guessed for MiniCanvas concepts and nudity).
-        patches: the erasure, composed in order (fingerprints are checked against ``model``).
+        patches: the erasure (patches or hooked artifacts), composed in order (fingerprints are checked against
+            ``model``); attacks see the hooked pipeline through ``AttackTarget.erased``.
         preset: budget preset; ``budget`` overrides single fields.
         seeds: images per candidate (seeds 188, 288, 588, ... as in UnlearnCanvas).
         sampling: how images are generated (``None``: the model's defaults, as every protocol uses them).
@@ -77,7 +78,7 @@ def run_attack(
     concept_type = concept_type or guess_type(concept)
     config = make_budget(attack, preset, concept_type, budget)
     check_output_dir(out, overwrite)
-    patch = Patch.compose(patches, merge) if patches else None
+    patch = compose(patches, merge) if patches else None
     if patch is not None:
         patch.check(model)
     if spec.needs_pipeline:

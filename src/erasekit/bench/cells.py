@@ -91,7 +91,7 @@ class Bench:
 
         Keyed by the method's full config, so presets, sweep points and tuned settings that agree share a patch.
         """
-        from erasekit.patch import Patch
+        from erasekit.hooked import load_erasure
         from erasekit.registry import config_to_dict, erase
 
         config = part.config(kind)
@@ -99,7 +99,7 @@ class Bench:
         where = self.layout.patch_dir(part.method, key, concept)
         cost_file = self.layout.cost_file(part.method, key, concept)
         if cost_file.is_file() and where.is_dir():
-            return Patch.load(where), read_json(cost_file)
+            return load_erasure(where), read_json(cost_file)
         self.say(f"erase {part.label} {concept!r}")
         with PeakMemory() as mem:
             patch = erase(self.model, [concept], part.method, concept_type=kind, config=config)
@@ -110,11 +110,11 @@ class Bench:
 
     def entry_patch(self, entry: Entry, concept: str, kind: str) -> tuple[Patch, dict[str, Any]]:
         """The entry's (composed) patch and cost: seconds add up over the parts, peak memory is their maximum."""
-        from erasekit.patch import Patch
+        from erasekit.hooked import compose
 
         check_stack(entry)
         made = [self.part_patch(part, concept, kind) for part in entry.parts]
-        patch = Patch.compose([p for p, _ in made], label=entry.label)
+        patch = compose([p for p, _ in made], label=entry.label)
         seconds = [c["erase_seconds"] for _, c in made]
         peaks = [c["peak_memory_mb"] for _, c in made if c["peak_memory_mb"] is not None]
         cost = {

@@ -27,9 +27,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from erasekit.cli.options import check_positive_flags, load_patches, sampling_from
     from erasekit.errors import ErasekitError
     from erasekit.generation import Request, render, save_png, to_uint8
+    from erasekit.hooked import compose
     from erasekit.io import atomic_write_json, output_dir
     from erasekit.models.loading import load
-    from erasekit.patch import Patch
 
     check_positive_flags(args, "num", "batch_size")
     if any(not p.strip() for p in args.prompt):
@@ -41,7 +41,7 @@ def run_generate(args: argparse.Namespace) -> int:
         sampling = sampling_from(args, model)
         prompts = [p for p in args.prompt for _ in range(args.num)]
         requests = [Request(seed=args.seed + i, prompt=p) for i, p in enumerate(prompts)]
-        patch = Patch.compose(patches, args.merge) if patches else None
+        patch = compose(patches, args.merge) if patches else None
         with patch.applied(model) if patch is not None else contextlib.nullcontext():
             images = render(pipe, requests, sampling, batch_size=args.batch_size)
         records = []

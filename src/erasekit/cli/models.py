@@ -47,9 +47,9 @@ def run_tiny_model(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     target = Path(args.target).expanduser()
     if (target / "erasure_config.json").is_file():
-        from erasekit.patch import Patch
+        from erasekit.hooked import load_erasure
 
-        info = {"patch": str(target), **Patch.load(target).summary()}
+        info = {"patch": str(target), **load_erasure(target).summary()}
     else:
         info = model_info(args.target)
     print(json.dumps(info, indent=2) if args.json else format_info(info))

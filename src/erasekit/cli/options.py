@@ -87,7 +87,7 @@ def add_patch_args(parser: argparse.ArgumentParser, required: bool = False) -> N
     """``--patch P`` (repeatable) and ``--merge``."""
     parser.add_argument(
         "--patch", action="append", required=required, default=None if required else [],
-        help="patch directory (repeat to compose)",
+        help="patch or hooked-artifact directory (repeat to compose)",
     )  # fmt: skip
     parser.add_argument(
         "--merge", choices=["mean"], default=None, help="how to combine patches that change one tensor"
@@ -95,9 +95,10 @@ def add_patch_args(parser: argparse.ArgumentParser, required: bool = False) -> N
 
 
 def load_patches(args: argparse.Namespace) -> list[Any]:
-    from erasekit.patch import Patch
+    """Every ``--patch``, of either artifact kind (a Patch or a hooked artifact)."""
+    from erasekit.hooked import load_erasure
 
-    return [Patch.load(p) for p in args.patch or []]
+    return [load_erasure(p) for p in args.patch or []]
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

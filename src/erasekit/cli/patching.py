@@ -35,10 +35,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=run_import)
 
 
-def _patches(paths: list[str]) -> list:
-    from erasekit.patch import Patch
+def _patches(paths: list[str], command: str) -> list:
+    """The plain patches at ``paths``; a hooked artifact is refused: a folder of weights cannot hold its hook."""
+    from erasekit.errors import ErasekitError
+    from erasekit.hooked import HookedPatch, load_erasure
 
-    return [Patch.load(p) for p in paths]
+    loaded = [load_erasure(p) for p in paths]
+    for path, item in zip(paths, loaded):
+        if isinstance(item, HookedPatch):
+            raise ErasekitError(
+                f"erasekit {command} writes plain weights, and {path} is a hooked artifact (added modules and a "
+                "hook that a folder of weights cannot hold): use it with --patch in generate, eval or attack"
+            )
+    return loaded
 
 
 def run_apply(args: argparse.Namespace) -> int:
@@ -47,7 +56,7 @@ def run_apply(args: argparse.Namespace) -> int:
     from erasekit.models.loading import load
 
     check_output_dir(args.out, args.overwrite)
-    patches = _patches(args.patch)
+    patches = _patches(args.patch, "apply")
     model = load(args.model, device=args.device, allow_pickle=args.allow_pickle)
     save_patched_model(model, patches, args.out, args.merge, args.overwrite)
     print(f"applied {len(patches)} patch(es) to {args.model} -> {args.out}")
@@ -61,7 +70,7 @@ def run_export(args: argparse.Namespace) -> int:
     from erasekit.patch import Patch
 
     check_output_dir(args.out, args.overwrite)
-    patch = Patch.compose(_patches(args.patch), args.merge)
+    patch = Patch.compose(_patches(args.patch, "export"), args.merge)
     model = load(args.model, device=args.device, components=(args.component,), allow_pickle=args.allow_pickle)
     export_component(model, patch, args.component, args.out, args.overwrite)
     print(f"exported patched {args.component} -> {args.out}")

@@ -18,7 +18,7 @@ from erasekit.errors import ErasekitError
 from erasekit.evaluation import record as rec
 from erasekit.evaluation.runner import Job, barrier, generate, shard
 from erasekit.generation import Sampling, scheduler_info
-from erasekit.patch import Patch
+from erasekit.hooked import compose
 
 if TYPE_CHECKING:
     from erasekit.models.loading import LoadedModel
@@ -51,7 +51,8 @@ def run_protocol(
         score: turns manifest entries (and the combined patch) into metrics.
         out: the run directory (created, or resumed when unfinished).
         config: what identifies the run (a restart must give the same); saved as ``run_config.json``.
-        patches: patches applied for generation, composed in order (fingerprints are checked).
+        patches: patches or hooked artifacts applied for generation, composed in order (fingerprints are
+            checked).
         merge: merge rule for patches that change the same tensor.
         batch_size: images per pipeline call (runtime only).
         overwrite: replace a finished run at ``out``.
@@ -70,7 +71,7 @@ def run_protocol(
     barrier(world)
     start = time.perf_counter()
     base_sha = rec.model_fingerprint(model.components)
-    patch = Patch.compose(patches, merge) if patches else None
+    patch = compose(patches, merge) if patches else None
     before = _done_keys(out)
     gen_start = time.perf_counter()
     with patch.applied(model) if patch is not None else contextlib.nullcontext():

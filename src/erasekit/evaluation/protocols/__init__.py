@@ -49,7 +49,7 @@ class RunOptions:
     """How a protocol run is carried out; none of it is a protocol setting.
 
     Attributes:
-        patches: the patches to evaluate, composed in order (fingerprints are checked).
+        patches: the patches or hooked artifacts to evaluate, composed in order (fingerprints are checked).
         merge: merge rule for patches that change the same tensor.
         sampling: how images are sampled (``None``: the model's defaults).
         batch_size: images per pipeline call (runtime only).
