@@ -45,6 +45,14 @@ QUICK: dict[str, tuple[dict, str]] = {
     "rlace": ({"max_iterations": 3}, r"unet/.*\.attn2\.to_[kv]\.weight$"),
     "all-but-one": (DIFFUSION, UNET_ATTN2),
     "crce": (DIFFUSION, UNET_ATTN2),
+    "doco": (
+        {"iterations": 3, "warmup": 1, "batch_size": 2, "anchor_images": 3, "anchor_steps": 2},
+        r"unet/.*\.attn2\.to_[kv]\.weight$",
+    ),
+    "ace": (
+        {"iterations": 2, "ddim_steps": 3, "relevance": "uniform"},
+        r"unet/.*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn1|attn2|ff)\.).*weight$",
+    ),
     # FT off: the merged plain Patch (FT on, the hooked artifact, has its contract in tests/test_spm.py)
     "spm": (
         {"iterations": 2, "ddim_steps": 3, "warmup": 0, "facilitated_transport": False},

@@ -12,8 +12,8 @@ import erasekit
 from erasekit.hooked import HookedPatch, load_erasure
 from erasekit.methods.spm import (
     SPMConfig,
-    _peft_copy,
     anchor_rows,
+    lora_copy,
     sample_anchors,
     spm_loss,
     transformer_layers,
@@ -112,7 +112,7 @@ def test_the_loss_is_the_erase_term_plus_lambda_times_anchoring(model):
     unet = pipe.unet
     names = transformer_layers(unet)
     g = torch.Generator().manual_seed(0)
-    adapted, layers = _peft_copy(unet, names, config, g)
+    adapted, layers = lora_copy(unet, names, config.rank, config.alpha, g)
     with torch.no_grad():
         for layer in layers.values():  # a trained-looking B, so the adapted model differs from the base
             b = layer.lora_B["default"].weight

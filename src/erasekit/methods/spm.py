@@ -107,8 +107,12 @@ class SPMConfig:
             raise ValueError("the release's anchor rows need an even number of anchors")
 
 
-def transformer_layers(unet: nn.Module) -> list[str]:
-    """Qualified names of every Linear and Conv2d inside the UNet's ``Transformer2DModel`` blocks, in model order."""
+def transformer_layers(unet: nn.Module, who: str = "spm") -> list[str]:
+    """Qualified names of every Linear and Conv2d inside the UNet's ``Transformer2DModel`` blocks, in model order.
+
+    Args:
+        who: the method named in the errors (SPM and ACE adapt the same layers).
+    """
     from diffusers.models import Transformer2DModel
 
     names: list[str] = []
@@ -117,12 +121,12 @@ def transformer_layers(unet: nn.Module) -> list[str]:
             names += [f"{name}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     if not names:
         raise ErasekitError(
-            "spm needs a UNet with transformer blocks (Transformer2DModel); this one has none"
+            f"{who} needs a UNet with transformer blocks (Transformer2DModel); this one has none"
         )
     for name in names:
         low_rank_config_for(unet.get_submodule(name), 1, 1.0)  # refuses grouped or string-padded convs
         if isinstance(unet.get_submodule(name), nn.Conv2d) and unet.get_submodule(name).dilation != (1, 1):
-            raise ErasekitError(f"spm cannot adapt the dilated conv {name}")
+            raise ErasekitError(f"{who} cannot adapt the dilated conv {name}")
     return list(dict.fromkeys(names))
 
 
@@ -192,7 +196,7 @@ def train(
     from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
 
     g = generator(config.seed)
-    adapted, layers = _peft_copy(pipe.unet, names, config, g)
+    adapted, layers = lora_copy(pipe.unet, names, config.rank, config.alpha, g)
     params = [
         p
         for layer in layers.values()
@@ -243,8 +247,8 @@ def spm_loss(
     return F.mse_loss(pred[:1], target) + config.anchor_weight * F.mse_loss(pred[1:], e_anchor)
 
 
-def _peft_copy(
-    unet: nn.Module, names: Sequence[str], config: SPMConfig, g: torch.Generator
+def lora_copy(
+    unet: nn.Module, names: Sequence[str], rank: int, alpha: float, g: torch.Generator
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``unet`` with peft LoRA layers on ``names``: A drawn from ``g`` (kaiming-uniform, a = √5, as peft and
     the release initialise it), B zero. peft's own init runs under a forked RNG, so torch's global one is untouched."""
@@ -252,7 +256,7 @@ def _peft_copy(
     from peft.tuners.lora import LoraLayer
 
     devices = [unet.device.index or 0] if unet.device.type == "cuda" else []
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(names), lora_dropout=0.0)
+    lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(names), lora_dropout=0.0)
     with torch.random.fork_rng(devices=devices):
         adapted = inject_adapter_in_model(lora, copy.deepcopy(unet))
     layers = {n: adapted.get_submodule(n) for n in names}
