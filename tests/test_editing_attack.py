@@ -147,15 +147,15 @@ def _minicanvas_shipped() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _minicanvas_shipped(), reason="MiniCanvas weights are not shipped")
-def test_minicanvas_edits_bring_back_more_on_the_base_model_than_after_uce(tmp_path):
-    """On MiniCanvas, re-editing at high strength shows the style far more often on the base model than after a
-    strong UCE erasure of it."""
+def test_minicanvas_edits_bring_back_more_on_the_base_model_than_after_speed(tmp_path):
+    """On MiniCanvas, editing at strength 0.9 shows the style far more often on the base model than after SPEED
+    erased it (measured: 100% against 25% for vintage, 4 base prompts, both modes)."""
     import erasekit
     from erasekit.attacks.run import run_attack
 
     model = erasekit.load("minicanvas")
-    patch = erasekit.erase(model, ["neon"], "uce", concept_type="style", erase_scale=4.0)
-    budget = {"prompts": 6, "strengths": (0.9,), "edit_strengths": (0.9,)}
-    base = run_attack(model, "neon", "sdedit", tmp_path / "base", budget=budget)
-    erased = run_attack(model, "neon", "sdedit", tmp_path / "uce", budget=budget, patches=[patch])
+    patch = erasekit.erase(model, ["vintage"], "speed", concept_type="style")
+    budget = {"prompts": 4, "strengths": (0.9,), "edit_strengths": (0.9,)}
+    base = run_attack(model, "vintage", "sdedit", tmp_path / "base", budget=budget)
+    erased = run_attack(model, "vintage", "sdedit", tmp_path / "speed", budget=budget, patches=[patch])
     assert base["ASR"] >= erased["ASR"] + 30.0

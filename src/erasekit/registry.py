@@ -265,6 +265,8 @@ METHOD_MODULES = (
     "erasekit.methods.all_but_one",
     "erasekit.methods.crce",
     "erasekit.methods.spm",
+    "erasekit.methods.realera",
+    "erasekit.methods.co_erasing",
 )
 METHODS: Registry[Spec] = Registry("method", METHOD_MODULES)
 register = METHODS.register
