@@ -17,8 +17,8 @@ from erasekit.generation import Sampling
 from erasekit.patch import Patch
 from tests.fixtures.evaluation_tiny import fake_classifier, one_thread, tiny_model  # noqa: F401
 
-ATTACKS = ("encoder-swap", "random-probe", "ring-a-bell", "seed-search", "synonyms", "textual-inversion",
-           "unlearndiffatk")  # fmt: skip
+ATTACKS = ("encoder-swap", "random-probe", "ring-a-bell", "sdedit", "seed-search", "synonyms",
+           "textual-inversion", "unlearndiffatk")  # fmt: skip
 TINY = {  # budgets small enough for a test, equal in spirit across attacks: one or two base prompts
     "ring-a-bell": {"prompts": 2, "population": 8, "generations": 4},
     "unlearndiffatk": {"prompts": 1, "timesteps": 2, "iterations": 3},
@@ -27,6 +27,7 @@ TINY = {  # budgets small enough for a test, equal in spirit across attacks: one
     "synonyms": {"prompts": 2},
     "random-probe": {"prompts": 2, "probes": 2},
     "seed-search": {"prompts": 2, "search_seeds": 3},
+    "sdedit": {"prompts": 2, "strengths": (0.5, 1.0), "edit_strengths": (1.0,)},  # int(2 steps x s) >= 1
 }
 
 

@@ -58,6 +58,22 @@ QUICK: dict[str, tuple[dict, str]] = {
         {"iterations": 2, "ddim_steps": 3, "warmup": 0, "facilitated_transport": False},
         r"unet/.*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn1|attn2|ff)\.).*weight$",
     ),
+    "realera": (
+        {**DIFFUSION, "neighbours": 2, "beyond": 2, "templates": ("a photo of {}", "{} in a snapshot")},
+        UNET_KV,
+    ),
+    "co-erasing": (
+        {
+            **DIFFUSION,
+            "text_iterations": 1,
+            "images": 2,
+            "adapter_images": 2,
+            "adapter_steps": 1,
+            "adapter_batch": 2,
+            "image_steps": 2,
+        },  # fmt: skip
+        r"unet/(?!.*\.attn2\.)(?!time_embedding\.)",
+    ),
 }
 METHODS = list_methods()
 

@@ -8,7 +8,11 @@ call :func:`render`, which calls the pipeline's own ``__call__`` with
 - the safety checker switched off (SD's checker blacks out images it flags: the evaluation measures the model,
   not its output filter);
 - the scheduler class named by :attr:`Sampling.scheduler`, built from the model's scheduler config;
-- optional per-image text conditioning (``prompt_embeds``) for learned embedding rows.
+- optional per-image text conditioning (``prompt_embeds``) for learned embedding rows;
+- optional image-to-image editing (SDEdit): a request with an ``init`` image and a ``strength`` is rendered by the
+  family's image-to-image pipeline built from the same components (``AutoPipelineForImage2Image.from_pipe``:
+  the same modules, hooks and patches), which noises the image's latents to the timestep ``strength`` of the way
+  up the schedule and denoises from there (``int(steps · strength)`` steps).
 
 What an image depends on: its prompt (or conditioning), its seed and the :class:`Sampling`. Not on the batch it
 lands in, up to float rounding: batched kernels may sum in another order, which moves a few 8-bit pixel values by
@@ -81,12 +85,27 @@ class Request:
         prompt: the prompt (ignored when ``embeds`` is given).
         embeds: ``[L, D]`` text conditioning used instead of encoding ``prompt`` (learned embedding rows).
         guidance: this image's guidance scale, or ``None`` for the sampling's.
+        init: ``[H, W, 3]`` float image in [0, 1] to edit (SDEdit) instead of sampling from noise; its size is the
+            output's (the sampling's height and width are not used).
+        strength: how far up the schedule ``init`` is noised, in (0, 1]: ``int(steps · strength)`` of the
+            sampling's steps are run (1: from the schedule's first timestep, nearly pure noise); required with
+            ``init``.
     """
 
     seed: int
     prompt: str = ""
     embeds: torch.Tensor | None = None
     guidance: float | None = None
+    init: np.ndarray | None = None
+    strength: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.init is None) != (self.strength is None):
+            raise ErasekitError("an edit request needs both an init image and a strength")
+        if self.strength is not None and not 0.0 < self.strength <= 1.0:
+            raise ErasekitError(f"strength must be in (0, 1], not {self.strength}")
+        if self.init is not None and (np.ndim(self.init) != 3 or np.shape(self.init)[-1] != 3):
+            raise ErasekitError(f"an init image is [H, W, 3], not {list(np.shape(self.init))}")
 
 
 def render(
@@ -116,24 +135,43 @@ def render(
         raise ErasekitError(f"batch size must be at least 1, not {batch_size}")
     if output not in OUTPUTS:
         raise ErasekitError(f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}")
+    for req in requests:
+        if req.strength is not None and int(sampling.steps * req.strength) < 1:
+            raise ErasekitError(f"strength {req.strength} of {sampling.steps} steps leaves no denoising step")
     batches = list(_batches(requests, batch_size))
     out: list[Any] = []
     with prepared(pipe, sampling.scheduler), torch.no_grad():
+        editor = image_pipeline(pipe) if any(r.init is not None for r in requests) else None
         shown = batches if desc is None else track(batches, desc=desc, total=len(batches), unit="batch")
         for batch in shown:
-            images = pipe(**_call_kwargs(pipe, batch, sampling, output)).images
+            runner = pipe if batch[0].init is None else editor
+            images = runner(**_call_kwargs(pipe, batch, sampling, output)).images
             out += [img.float().cpu() for img in images] if output == "latent" else list(images)
     return out
 
 
+def image_pipeline(pipe: Any) -> Any:
+    """The family's image-to-image pipeline over ``pipe``'s own components (no copy: same modules and hooks)."""
+    from diffusers import AutoPipelineForImage2Image
+
+    try:
+        editor = AutoPipelineForImage2Image.from_pipe(pipe)
+    except ValueError as e:
+        raise ErasekitError(f"{type(pipe).__name__} has no image-to-image pipeline: {e}") from None
+    editor.set_progress_bar_config(disable=True)
+    return editor
+
+
 def _batches(requests: Sequence[Request], size: int) -> Iterator[list[Request]]:
-    """Consecutive runs of at most ``size`` requests sharing a guidance scale and a kind (prompt or embeds)."""
+    """Consecutive runs of at most ``size`` requests sharing a guidance scale, a kind (prompt or embeds) and an
+    edit strength (``None``: sampled from noise)."""
     batch: list[Request] = []
     for req in requests:
         if batch and (
             len(batch) == size
             or req.guidance != batch[0].guidance
             or (req.embeds is None) != (batch[0].embeds is None)
+            or req.strength != batch[0].strength
         ):
             yield batch
             batch = []
@@ -149,10 +187,14 @@ def _call_kwargs(pipe: Any, batch: list[Request], sampling: Sampling, output: st
         "guidance_scale": batch[0].guidance if batch[0].guidance is not None else sampling.guidance,
         "output_type": output,
     }
-    if sampling.height is not None:
-        kwargs["height"] = sampling.height
-    if sampling.width is not None:
-        kwargs["width"] = sampling.width
+    if batch[0].init is not None:  # the image's size is the output's; image-to-image takes no height or width
+        kwargs["image"] = np.stack([np.asarray(r.init, dtype=np.float32) for r in batch])  # [B, H, W, 3]
+        kwargs["strength"] = batch[0].strength
+    else:
+        if sampling.height is not None:
+            kwargs["height"] = sampling.height
+        if sampling.width is not None:
+            kwargs["width"] = sampling.width
     if batch[0].embeds is None:
         kwargs["prompt"] = [r.prompt for r in batch]
         if sampling.negative_prompt is not None:

@@ -267,6 +267,8 @@ METHOD_MODULES = (
     "erasekit.methods.spm",
     "erasekit.methods.doco",
     "erasekit.methods.ace",
+    "erasekit.methods.realera",
+    "erasekit.methods.co_erasing",
 )
 METHODS: Registry[Spec] = Registry("method", METHOD_MODULES)
 register = METHODS.register

@@ -22,6 +22,7 @@ ATTACK_MODULES = (
     "erasekit.attacks.textual_inversion",
     "erasekit.attacks.encoder_swap",
     "erasekit.attacks.probes",
+    "erasekit.attacks.editing",
 )
 ASR_RULES = ("images", "any", "pre+post")
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from erasekit.errors import ErasekitError
@@ -128,6 +129,9 @@ class Candidate:
         embedding: ``[k, D]`` input-embedding rows for the k placeholders, or ``None`` for a plain prompt.
         seeds: this candidate's own seeds (seed search), or ``None`` for the run's.
         text: the human-readable form written to ``prompts.txt`` (decoded tokens); ``prompt`` when ``None``.
+        init: ``[H, W, 3]`` float image in [0, 1] that ``prompt`` edits (SDEdit), or ``None`` to sample from noise.
+        strength: the edit strength in (0, 1], with ``init`` (see :class:`~erasekit.generation.Request`).
+        tag: a label the run reports a separate rate for (``ASR_by_tag``), e.g. ``reedit@0.5``.
     """
 
     prompt: str
@@ -136,10 +140,15 @@ class Candidate:
     embedding: torch.Tensor | None = None
     seeds: tuple[int, ...] | None = None
     text: str | None = None
+    init: np.ndarray | None = None
+    strength: float | None = None
+    tag: str | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        if (self.init is None) != (self.strength is None):
+            raise ValueError("an edit candidate needs both an init image and a strength")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,6 +7,7 @@
     RUN/prompts.txt             the adversarial prompts, one per line ("*" marks a learned-embedding slot)
     RUN/embeddings.safetensors  learned embedding rows and token ids (attacks that learn them)
     RUN/attack.json             candidates (prompt, base prompt, seeds), optimisation curves and statistics
+    RUN/inits/*.png             the images edit candidates start from (editing attacks)
     RUN/scores.jsonl            one line per image: candidate, prompt, seed, verdict
     RUN/images/*.png            the generated images
 """
@@ -134,10 +135,30 @@ def _write_artifacts(out: Path, result: AttackResult) -> None:
 
         save_file({k: v.detach().cpu().contiguous() for k, v in result.embeddings.items()},
                   str(out / "embeddings.safetensors"))  # fmt: skip
-    candidates = [{"prompt": c.prompt, "text": c.text, "group": c.group, "phase": c.phase, "seeds": c.seeds,
-                   "learned_rows": c.embedding is not None} for c in result.candidates]  # fmt: skip
+    inits = _write_inits(out, result.candidates)
+    candidates = []
+    for c in result.candidates:
+        entry = {"prompt": c.prompt, "text": c.text, "group": c.group, "phase": c.phase, "seeds": c.seeds,
+                 "learned_rows": c.embedding is not None}  # fmt: skip
+        if c.init is not None:
+            entry.update(init=inits[id(c.init)], strength=c.strength)
+        if c.tag is not None:
+            entry["tag"] = c.tag
+        candidates.append(entry)
     atomic_write_json(out / "attack.json", {"candidates": candidates, "history": result.history,
                                             "stats": result.stats})  # fmt: skip
+
+
+def _write_inits(out: Path, candidates: Sequence[Any]) -> dict[int, str]:
+    """Write each distinct init image of the edit candidates once; ``{id(image): relative file}``."""
+    from erasekit.generation import save_png, to_uint8
+
+    files: dict[int, str] = {}
+    for c in candidates:
+        if c.init is not None and id(c.init) not in files:
+            files[id(c.init)] = f"inits/i{len(files):04d}.png"
+            save_png(to_uint8(c.init), out / files[id(c.init)])
+    return files
 
 
 def _score(
@@ -183,6 +204,9 @@ def _summary(rule: str, scored: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"scored": True, "asr_rule": rule, "images": len(attacked),
                            "ASR_images": _pct([r["success"] for r in attacked]),
                            "ASR_any": _pct(list(by_group.values()))}  # fmt: skip
+    tags = sorted({r["tag"] for r in attacked if "tag" in r})
+    if tags:  # editing attacks: one rate per edit mode and strength
+        out["ASR_by_tag"] = {t: _pct([r["success"] for r in attacked if r.get("tag") == t]) for t in tags}
     pre = {(r["group"], r["seed"]): r["success"] for r in rows if r["phase"] == "pre"}
     if pre:
         post = {

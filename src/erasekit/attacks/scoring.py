@@ -3,7 +3,8 @@
 Detectors: the MiniCanvas classifier or a user classifier folder (an image succeeds when the style head, or the
 object head for objects, predicts the concept), or a NudeNet preset for ``nsfw``. Images come from the one
 generation path (:func:`erasekit.generation.render`); candidates with learned rows are rendered from the
-``prompt_embeds`` the text encoder gives under :func:`~erasekit.attacks.base.placeholder_rows`.
+``prompt_embeds`` the text encoder gives under :func:`~erasekit.attacks.base.placeholder_rows`, and edit
+candidates (an init image and a strength) by the same path's image-to-image branch.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def _read_images(files: Sequence[Path]) -> list[Any]:
 
 
 def image_rows(candidates: Sequence[Candidate], seeds: Sequence[int]) -> list[dict[str, Any]]:
-    """One row per (candidate, seed): ``key``, ``file``, ``candidate``, ``prompt``, ``group``, ``phase``, ``seed``.
+    """One row per (candidate, seed): ``key``, ``file``, ``candidate``, ``prompt``, ``group``, ``phase``, ``seed``
+    (and ``tag`` for a tagged candidate).
 
     A candidate with its own seeds (seed search) uses them instead of the run's ``seeds``.
     """
@@ -98,8 +100,11 @@ def image_rows(candidates: Sequence[Candidate], seeds: Sequence[int]) -> list[di
     for i, c in enumerate(candidates):
         for seed in c.seeds or seeds:
             key = f"c{i:04d}_s{seed}"
-            rows.append({"key": key, "file": f"{IMAGES}/{key}.png", "candidate": i, "prompt": c.prompt,
-                         "group": c.group, "phase": c.phase, "seed": int(seed)})  # fmt: skip
+            row = {"key": key, "file": f"{IMAGES}/{key}.png", "candidate": i, "prompt": c.prompt,
+                   "group": c.group, "phase": c.phase, "seed": int(seed)}  # fmt: skip
+            if c.tag is not None:
+                row["tag"] = c.tag
+            rows.append(row)
     return rows
 
 
@@ -127,14 +132,16 @@ def generate_rows(
 
 
 def _request(pipe: Any, candidate: Candidate, seed: int) -> Request:
-    """A plain prompt, or the conditioning the text encoder gives with the candidate's learned rows."""
+    """A plain prompt, or the conditioning the text encoder gives with the candidate's learned rows; an edit
+    candidate's init image and strength go with either."""
+    edit = {"init": candidate.init, "strength": candidate.strength}
     if candidate.embedding is None:
-        return Request(seed=seed, prompt=candidate.prompt)
+        return Request(seed=seed, prompt=candidate.prompt, **edit)
     from erasekit.denoising import encode_prompts
 
     with placeholder_rows(pipe.text_encoder, placeholder_id(pipe.tokenizer), candidate.embedding):
         embeds = encode_prompts(pipe, [candidate.prompt])[0]  # [77, D]
-    return Request(seed=seed, prompt=candidate.prompt, embeds=embeds)
+    return Request(seed=seed, prompt=candidate.prompt, embeds=embeds, **edit)
 
 
 def candidate_judge(
