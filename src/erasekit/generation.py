@@ -8,7 +8,8 @@ call :func:`render`, which calls the pipeline's own ``__call__`` with
 - the safety checker switched off (SD's checker blacks out images it flags: the evaluation measures the model,
   not its output filter);
 - the scheduler class named by :attr:`Sampling.scheduler`, built from the model's scheduler config;
-- optional per-image text conditioning (``prompt_embeds``) for learned embedding rows.
+- optional per-image text conditioning (``prompt_embeds``) for learned embedding rows;
+- optional per-image initial latents (``latents``), e.g. a DDIM-inverted image, instead of the seed's noise.
 
 What an image depends on: its prompt (or conditioning), its seed and the :class:`Sampling`. Not on the batch it
 lands in, up to float rounding: batched kernels may sum in another order, which moves a few 8-bit pixel values by
@@ -81,12 +82,16 @@ class Request:
         prompt: the prompt (ignored when ``embeds`` is given).
         embeds: ``[L, D]`` text conditioning used instead of encoding ``prompt`` (learned embedding rows).
         guidance: this image's guidance scale, or ``None`` for the sampling's.
+        latents: ``[C, h, w]`` initial latents used instead of the seed's noise (the pipeline scales them by its
+            scheduler's ``init_noise_sigma``, as it does its own draw); the seed still seeds any noise the
+            scheduler adds on the way.
     """
 
     seed: int
     prompt: str = ""
     embeds: torch.Tensor | None = None
     guidance: float | None = None
+    latents: torch.Tensor | None = None
 
 
 def render(
@@ -127,13 +132,15 @@ def render(
 
 
 def _batches(requests: Sequence[Request], size: int) -> Iterator[list[Request]]:
-    """Consecutive runs of at most ``size`` requests sharing a guidance scale and a kind (prompt or embeds)."""
+    """Consecutive runs of at most ``size`` requests sharing a guidance scale and a kind (prompt or embeds, own
+    latents or not)."""
     batch: list[Request] = []
     for req in requests:
         if batch and (
             len(batch) == size
             or req.guidance != batch[0].guidance
             or (req.embeds is None) != (batch[0].embeds is None)
+            or (req.latents is None) != (batch[0].latents is None)
         ):
             yield batch
             batch = []
@@ -153,6 +160,11 @@ def _call_kwargs(pipe: Any, batch: list[Request], sampling: Sampling, output: st
         kwargs["height"] = sampling.height
     if sampling.width is not None:
         kwargs["width"] = sampling.width
+    if batch[0].latents is not None:
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        kwargs["latents"] = torch.stack([r.latents for r in batch]).to(
+            pipe.device, denoiser.dtype
+        )  # [B, C, h, w]
     if batch[0].embeds is None:
         kwargs["prompt"] = [r.prompt for r in batch]
         if sampling.negative_prompt is not None:

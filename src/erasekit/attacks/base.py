@@ -128,6 +128,10 @@ class Candidate:
         embedding: ``[k, D]`` input-embedding rows for the k placeholders, or ``None`` for a plain prompt.
         seeds: this candidate's own seeds (seed search), or ``None`` for the run's.
         text: the human-readable form written to ``prompts.txt`` (decoded tokens); ``prompt`` when ``None``.
+        latents: ``[C, h, w]`` initial latents to start from instead of the seed's noise (an inverted image), or
+            ``None``.
+        variant: a label whose images the run also rates on their own (``ASR_by_variant`` in metrics), e.g. the
+            regeneration prompt of an inverted latent; ``None`` for none.
     """
 
     prompt: str
@@ -136,6 +140,8 @@ class Candidate:
     embedding: torch.Tensor | None = None
     seeds: tuple[int, ...] | None = None
     text: str | None = None
+    latents: torch.Tensor | None = None
+    variant: str | None = None
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:

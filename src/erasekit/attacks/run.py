@@ -5,7 +5,7 @@
     RUN/metrics.json            ASR (percent) and its parts, the budget, the sampling, the detector
     RUN/record.json             the same plus model and patch fingerprints, versions, commit, hardware, timings
     RUN/prompts.txt             the adversarial prompts, one per line ("*" marks a learned-embedding slot)
-    RUN/embeddings.safetensors  learned embedding rows and token ids (attacks that learn them)
+    RUN/embeddings.safetensors  learned embedding rows and token ids, inverted latents (attacks that make them)
     RUN/attack.json             candidates (prompt, base prompt, seeds), optimisation curves and statistics
     RUN/scores.jsonl            one line per image: candidate, prompt, seed, verdict
     RUN/images/*.png            the generated images
@@ -135,7 +135,8 @@ def _write_artifacts(out: Path, result: AttackResult) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in result.embeddings.items()},
                   str(out / "embeddings.safetensors"))  # fmt: skip
     candidates = [{"prompt": c.prompt, "text": c.text, "group": c.group, "phase": c.phase, "seeds": c.seeds,
-                   "learned_rows": c.embedding is not None} for c in result.candidates]  # fmt: skip
+                   "learned_rows": c.embedding is not None, "own_latents": c.latents is not None,
+                   "variant": c.variant} for c in result.candidates]  # fmt: skip
     atomic_write_json(out / "attack.json", {"candidates": candidates, "history": result.history,
                                             "stats": result.stats})  # fmt: skip
 
@@ -191,6 +192,11 @@ def _summary(rule: str, scored: dict[str, Any]) -> dict[str, Any]:
         out["ASR_pre"] = _pct(list(pre.values()))
         out["ASR_post"] = 100.0 * len(post) / len(pre)
         out["ASR_pre_plus_post"] = out["ASR_pre"] + out["ASR_post"]
+    variants = dict.fromkeys(r["variant"] for r in attacked if r.get("variant") is not None)
+    if variants:  # e.g. an inverted latent regenerated with the empty and with the neutral prompt
+        out["ASR_by_variant"] = {
+            v: _pct([r["success"] for r in attacked if r.get("variant") == v]) for v in variants
+        }
     key = {"images": "ASR_images", "any": "ASR_any", "pre+post": "ASR_pre_plus_post"}[rule]
     if key not in out:
         raise ErasekitError(f"the attack produced no rows for its ASR rule {rule!r}")

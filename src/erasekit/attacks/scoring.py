@@ -90,7 +90,8 @@ def _read_images(files: Sequence[Path]) -> list[Any]:
 
 
 def image_rows(candidates: Sequence[Candidate], seeds: Sequence[int]) -> list[dict[str, Any]]:
-    """One row per (candidate, seed): ``key``, ``file``, ``candidate``, ``prompt``, ``group``, ``phase``, ``seed``.
+    """One row per (candidate, seed): ``key``, ``file``, ``candidate``, ``prompt``, ``group``, ``phase``, ``seed``
+    (and ``variant`` for a candidate that has one).
 
     A candidate with its own seeds (seed search) uses them instead of the run's ``seeds``.
     """
@@ -98,8 +99,9 @@ def image_rows(candidates: Sequence[Candidate], seeds: Sequence[int]) -> list[di
     for i, c in enumerate(candidates):
         for seed in c.seeds or seeds:
             key = f"c{i:04d}_s{seed}"
-            rows.append({"key": key, "file": f"{IMAGES}/{key}.png", "candidate": i, "prompt": c.prompt,
-                         "group": c.group, "phase": c.phase, "seed": int(seed)})  # fmt: skip
+            row = {"key": key, "file": f"{IMAGES}/{key}.png", "candidate": i, "prompt": c.prompt,
+                   "group": c.group, "phase": c.phase, "seed": int(seed)}  # fmt: skip
+            rows.append({**row, "variant": c.variant} if c.variant is not None else row)
     return rows
 
 
@@ -127,14 +129,15 @@ def generate_rows(
 
 
 def _request(pipe: Any, candidate: Candidate, seed: int) -> Request:
-    """A plain prompt, or the conditioning the text encoder gives with the candidate's learned rows."""
+    """A plain prompt, or the conditioning the text encoder gives with the candidate's learned rows; from the
+    candidate's own initial latents when it has them."""
     if candidate.embedding is None:
-        return Request(seed=seed, prompt=candidate.prompt)
+        return Request(seed=seed, prompt=candidate.prompt, latents=candidate.latents)
     from erasekit.denoising import encode_prompts
 
     with placeholder_rows(pipe.text_encoder, placeholder_id(pipe.tokenizer), candidate.embedding):
         embeds = encode_prompts(pipe, [candidate.prompt])[0]  # [77, D]
-    return Request(seed=seed, prompt=candidate.prompt, embeds=embeds)
+    return Request(seed=seed, prompt=candidate.prompt, embeds=embeds, latents=candidate.latents)
 
 
 def candidate_judge(
