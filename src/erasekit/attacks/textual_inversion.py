@@ -263,9 +263,8 @@ def learn_embedding(target: AttackTarget, config: TextualInversionConfig, *, on_
         v, losses = train(objective, v0, config, g)
         after = objective.mean_loss(v, fixed)
     stats = {"learned_on": "erased" if on_erased else "base", "loss_before": before, "loss_after": after,
-             "init_word": config.init_word,
-             "effective_lr": config.effective_lr, "norm_init": float(v0.norm()), "norm_learned": float(v.norm()),
-             "cosine_to_init": float(torch.cosine_similarity(v, v0, dim=0))}  # fmt: skip
+             "init_word": config.init_word, "effective_lr": config.effective_lr, "norm_init": float(v0.norm()),
+             "norm_learned": float(v.norm()), "cosine_to_init": float(torch.cosine_similarity(v, v0, dim=0))}  # fmt: skip
     prompts = [f"{PLACEHOLDER} {p}" for p in ps.positives] if config.captions == "prefix" else ps.placeholders
     cands = tuple(Candidate(prompt=p, group=i, embedding=v.unsqueeze(0)) for i, p in enumerate(prompts))
     return AttackResult(candidates=cands, patch=target.patch, embeddings={"learned_embedding": v.unsqueeze(0)},
