@@ -17,12 +17,22 @@ from erasekit.generation import Sampling
 from erasekit.patch import Patch
 from tests.fixtures.evaluation_tiny import fake_classifier, one_thread, tiny_model  # noqa: F401
 
-ATTACKS = ("encoder-swap", "random-probe", "ring-a-bell", "sdedit", "seed-search", "synonyms",
-           "textual-inversion", "unlearndiffatk")  # fmt: skip
+ATTACKS = ("encoder-swap", "latent-inversion", "latent-inversion-transfer", "random-probe", "ring-a-bell",
+           "sdedit", "seed-search", "synonyms", "textual-inversion", "textual-inversion-transfer",
+           "unlearndiffatk")  # fmt: skip
 TINY = {  # budgets small enough for a test, equal in spirit across attacks: one or two base prompts
     "ring-a-bell": {"prompts": 2, "population": 8, "generations": 4},
     "unlearndiffatk": {"prompts": 1, "timesteps": 2, "iterations": 3},
     "textual-inversion": {"prompts": 2, "images": 2, "train_steps": 3, "batch": 2, "accumulation": 2},
+    "textual-inversion-transfer": {
+        "prompts": 2,
+        "images": 2,
+        "train_steps": 3,
+        "batch": 2,
+        "accumulation": 2,
+    },
+    "latent-inversion": {"prompts": 2},
+    "latent-inversion-transfer": {"prompts": 2},
     "encoder-swap": {"prompts": 2},
     "synonyms": {"prompts": 2},
     "random-probe": {"prompts": 2, "probes": 2},
@@ -344,7 +354,8 @@ def test_every_attack_runs_end_to_end(model, tmp_path, attack):
     assert lines and len(scores) == saved["images"] + sum(s["phase"] == "pre" for s in scores)
     assert all((out / s["file"]).is_file() for s in scores)
     assert json.loads((out / "record.json").read_text())["protocol"] == f"attack/{attack}"
-    if attack in ("ring-a-bell", "unlearndiffatk", "textual-inversion"):
+    if attack in ("ring-a-bell", "unlearndiffatk", "textual-inversion", "textual-inversion-transfer",
+                  "latent-inversion", "latent-inversion-transfer"):  # fmt: skip
         from safetensors.torch import load_file
 
         assert load_file(str(out / "embeddings.safetensors"))

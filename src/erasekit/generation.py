@@ -13,6 +13,7 @@ call :func:`render`, which calls the pipeline's own ``__call__`` with
   family's image-to-image pipeline built from the same components (``AutoPipelineForImage2Image.from_pipe``:
   the same modules, hooks and patches), which noises the image's latents to the timestep ``strength`` of the way
   up the schedule and denoises from there (``int(steps · strength)`` steps).
+- optional per-image initial latents (``latents``), e.g. a DDIM-inverted image, instead of the seed's noise.
 
 What an image depends on: its prompt (or conditioning), its seed and the :class:`Sampling`. Not on the batch it
 lands in, up to float rounding: batched kernels may sum in another order, which moves a few 8-bit pixel values by
@@ -90,6 +91,9 @@ class Request:
         strength: how far up the schedule ``init`` is noised, in (0, 1]: ``int(steps · strength)`` of the
             sampling's steps are run (1: from the schedule's first timestep, nearly pure noise); required with
             ``init``.
+        latents: ``[C, h, w]`` initial latents used instead of the seed's noise (the pipeline scales them by its
+            scheduler's ``init_noise_sigma``, as it does its own draw); the seed still seeds any noise the
+            scheduler adds on the way.
     """
 
     seed: int
@@ -98,6 +102,7 @@ class Request:
     guidance: float | None = None
     init: np.ndarray | None = None
     strength: float | None = None
+    latents: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.init is None) != (self.strength is None):
@@ -106,6 +111,8 @@ class Request:
             raise ErasekitError(f"strength must be in (0, 1], not {self.strength}")
         if self.init is not None and (np.ndim(self.init) != 3 or np.shape(self.init)[-1] != 3):
             raise ErasekitError(f"an init image is [H, W, 3], not {list(np.shape(self.init))}")
+        if self.init is not None and self.latents is not None:
+            raise ErasekitError("a request starts from an init image or from its own latents, not both")
 
 
 def render(
@@ -163,8 +170,8 @@ def image_pipeline(pipe: Any) -> Any:
 
 
 def _batches(requests: Sequence[Request], size: int) -> Iterator[list[Request]]:
-    """Consecutive runs of at most ``size`` requests sharing a guidance scale, a kind (prompt or embeds) and an
-    edit strength (``None``: sampled from noise)."""
+    """Consecutive runs of at most ``size`` requests sharing a guidance scale, a kind (prompt or embeds, own latents
+    or not) and an edit strength (``None``: sampled from noise)."""
     batch: list[Request] = []
     for req in requests:
         if batch and (
@@ -172,6 +179,7 @@ def _batches(requests: Sequence[Request], size: int) -> Iterator[list[Request]]:
             or req.guidance != batch[0].guidance
             or (req.embeds is None) != (batch[0].embeds is None)
             or req.strength != batch[0].strength
+            or (req.latents is None) != (batch[0].latents is None)
         ):
             yield batch
             batch = []
@@ -195,6 +203,11 @@ def _call_kwargs(pipe: Any, batch: list[Request], sampling: Sampling, output: st
             kwargs["height"] = sampling.height
         if sampling.width is not None:
             kwargs["width"] = sampling.width
+    if batch[0].latents is not None:
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        kwargs["latents"] = torch.stack([r.latents for r in batch]).to(
+            pipe.device, denoiser.dtype
+        )  # [B, C, h, w]
     if batch[0].embeds is None:
         kwargs["prompt"] = [r.prompt for r in batch]
         if sampling.negative_prompt is not None:

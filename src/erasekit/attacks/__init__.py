@@ -20,6 +20,7 @@ ATTACK_MODULES = (
     "erasekit.attacks.ring_a_bell",
     "erasekit.attacks.unlearndiffatk",
     "erasekit.attacks.textual_inversion",
+    "erasekit.attacks.latent_inversion",
     "erasekit.attacks.encoder_swap",
     "erasekit.attacks.probes",
     "erasekit.attacks.editing",

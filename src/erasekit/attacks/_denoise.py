@@ -92,3 +92,31 @@ def vae_posteriors(pipe: Any, latents: torch.Tensor) -> tuple[torch.Tensor, torc
     dist = vae.encode(both).latent_dist
     shape = (latents.shape[0], 2, *dist.mean.shape[1:])
     return (dist.mean.float() * scale).reshape(shape), (dist.std.float() * scale).reshape(shape)
+
+
+@torch.no_grad()
+def ddim_invert(pipe: Any, x0: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
+    """DDIM inversion: the start latents from which ``steps`` DDIM steps at guidance 1 with ``cond`` come back to
+    ``x0`` (up to the inversion's approximation: each step reads ε at the current latents and the next timestep).
+
+    diffusers' ``DDIMInverseScheduler``, built from the pipeline's scheduler config, so its timesteps mirror the
+    ``DDIMScheduler`` the model samples with (same spacing, offset and final alpha).
+
+    Args:
+        x0: ``[N, C, h, w]`` clean latents in the UNet's (scaled) latent space.
+        cond: ``[N, 77, D]`` text conditioning (batch 1 is broadcast).
+        steps: the sampling schedule's length.
+
+    Returns:
+        ``[N, C, h, w]`` latents at the schedule's first (noisiest) timestep.
+    """
+    from diffusers import DDIMInverseScheduler
+
+    scheduler = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    unet = pipe.unet
+    x = x0.to(unet.device, unet.dtype)
+    cond = cond.to(unet.device, unet.dtype).expand(x.shape[0], -1, -1)
+    for t in scheduler.timesteps:  # ascending: from the cleanest timestep to the noisiest
+        x = scheduler.step(predict_noise(unet, x, t, cond), t, x).prev_sample
+    return x

@@ -131,7 +131,10 @@ class Candidate:
         text: the human-readable form written to ``prompts.txt`` (decoded tokens); ``prompt`` when ``None``.
         init: ``[H, W, 3]`` float image in [0, 1] that ``prompt`` edits (SDEdit), or ``None`` to sample from noise.
         strength: the edit strength in (0, 1], with ``init`` (see :class:`~erasekit.generation.Request`).
-        tag: a label the run reports a separate rate for (``ASR_by_tag``), e.g. ``reedit@0.5``.
+        latents: ``[C, h, w]`` initial latents to start from instead of the seed's noise (an inverted image), or
+            ``None``.
+        tag: a label the run reports a separate rate for (``ASR_by_tag``), e.g. ``reedit@0.5`` or the
+            regeneration prompt of an inverted latent.
     """
 
     prompt: str
@@ -142,6 +145,7 @@ class Candidate:
     text: str | None = None
     init: np.ndarray | None = None
     strength: float | None = None
+    latents: torch.Tensor | None = None
     tag: str | None = None
 
     def __post_init__(self) -> None:

@@ -5,7 +5,7 @@
     RUN/metrics.json            ASR (percent) and its parts, the budget, the sampling, the detector
     RUN/record.json             the same plus model and patch fingerprints, versions, commit, hardware, timings
     RUN/prompts.txt             the adversarial prompts, one per line ("*" marks a learned-embedding slot)
-    RUN/embeddings.safetensors  learned embedding rows and token ids (attacks that learn them)
+    RUN/embeddings.safetensors  learned embedding rows and token ids, inverted latents (attacks that make them)
     RUN/attack.json             candidates (prompt, base prompt, seeds), optimisation curves and statistics
     RUN/inits/*.png             the images edit candidates start from (editing attacks)
     RUN/scores.jsonl            one line per image: candidate, prompt, seed, verdict
@@ -139,7 +139,8 @@ def _write_artifacts(out: Path, result: AttackResult) -> None:
     candidates = []
     for c in result.candidates:
         entry = {"prompt": c.prompt, "text": c.text, "group": c.group, "phase": c.phase, "seeds": c.seeds,
-                 "learned_rows": c.embedding is not None}  # fmt: skip
+                 "learned_rows": c.embedding is not None,
+                 "own_latents": c.latents is not None}  # fmt: skip
         if c.init is not None:
             entry.update(init=inits[id(c.init)], strength=c.strength)
         if c.tag is not None:
@@ -204,8 +205,8 @@ def _summary(rule: str, scored: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"scored": True, "asr_rule": rule, "images": len(attacked),
                            "ASR_images": _pct([r["success"] for r in attacked]),
                            "ASR_any": _pct(list(by_group.values()))}  # fmt: skip
-    tags = sorted({r["tag"] for r in attacked if "tag" in r})
-    if tags:  # editing attacks: one rate per edit mode and strength
+    tags = sorted({r["tag"] for r in attacked if r.get("tag") is not None})
+    if tags:  # one rate per edit mode and strength, or per regeneration prompt
         out["ASR_by_tag"] = {t: _pct([r["success"] for r in attacked if r.get("tag") == t]) for t in tags}
     pre = {(r["group"], r["seed"]): r["success"] for r in rows if r["phase"] == "pre"}
     if pre:

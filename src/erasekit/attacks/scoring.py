@@ -133,15 +133,15 @@ def generate_rows(
 
 def _request(pipe: Any, candidate: Candidate, seed: int) -> Request:
     """A plain prompt, or the conditioning the text encoder gives with the candidate's learned rows; an edit
-    candidate's init image and strength go with either."""
-    edit = {"init": candidate.init, "strength": candidate.strength}
+    candidate's init image and strength, or the candidate's own initial latents, go with either."""
+    extra = {"init": candidate.init, "strength": candidate.strength, "latents": candidate.latents}
     if candidate.embedding is None:
-        return Request(seed=seed, prompt=candidate.prompt, **edit)
+        return Request(seed=seed, prompt=candidate.prompt, **extra)
     from erasekit.denoising import encode_prompts
 
     with placeholder_rows(pipe.text_encoder, placeholder_id(pipe.tokenizer), candidate.embedding):
         embeds = encode_prompts(pipe, [candidate.prompt])[0]  # [77, D]
-    return Request(seed=seed, prompt=candidate.prompt, embeds=embeds, **edit)
+    return Request(seed=seed, prompt=candidate.prompt, embeds=embeds, **extra)
 
 
 def candidate_judge(

@@ -21,10 +21,16 @@ in: ``An image in {style} style.`` / ``{style} style artwork`` and ``A {object} 
 
 The embedding enters through a removable hook on the token embedding (no token is added to the tokenizer), and
 generation passes ``prompt_embeds``; the model is never modified.
+
+Two registered names share this code and its budgets. ``textual-inversion`` learns v* on the erased model: it is
+also M-ErasureBench's *learned embeddings, white-box* scenario. ``textual-inversion-transfer`` is that scenario's
+*black-box* form: v* is learned on the BASE model (no access to the erased weights) and then generated with on
+the erased one. M-ErasureBench's own training budget is not published in code; both use CCE's.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,6 +234,17 @@ def train(
 
 def textual_inversion(target: AttackTarget, config: TextualInversionConfig) -> AttackResult:
     """Textual inversion (CCE): learn a token embedding on the erased model from the base model's images."""
+    return learn_embedding(target, config, on_erased=True)
+
+
+def textual_inversion_transfer(target: AttackTarget, config: TextualInversionConfig) -> AttackResult:
+    """Textual inversion, black-box (M-ErasureBench): learned on the base model, generated with on the erased one."""
+    return learn_embedding(target, config, on_erased=False)
+
+
+def learn_embedding(target: AttackTarget, config: TextualInversionConfig, *, on_erased: bool) -> AttackResult:
+    """Learn v* from the base model's images on the erased model (``on_erased``) or on the base model itself;
+    the candidates are the placeholder prompts with v*, generated with the erased model either way."""
     model, ps = target.model, target.prompts
     pipe = check_unet_family(model, "textual-inversion")
     n = len(ps.positives)
@@ -238,30 +255,39 @@ def textual_inversion(target: AttackTarget, config: TextualInversionConfig) -> A
     posterior = vae_posteriors(pipe, latents)  # base model's images, both orientations
     g = torch.Generator().manual_seed(config.seed)
     v0 = init_embedding(pipe, config.init_word)
-    with target.erased(), frozen(pipe.unet, pipe.text_encoder):
+    learner = target.erased() if on_erased else contextlib.nullcontext()
+    with learner, frozen(pipe.unet, pipe.text_encoder):
         objective = InversionObjective(pipe, posterior, captions, config.flip)
         fixed = fixed_draws(pipe, posterior[0][:, 0], EVAL_DRAWS, config.seed + 1)
         before = objective.mean_loss(v0, fixed)
         v, losses = train(objective, v0, config, g)
         after = objective.mean_loss(v, fixed)
-    stats = {"loss_before": before, "loss_after": after, "init_word": config.init_word,
-             "effective_lr": config.effective_lr, "norm_init": float(v0.norm()), "norm_learned": float(v.norm()),
-             "cosine_to_init": float(torch.cosine_similarity(v, v0, dim=0))}  # fmt: skip
+    stats = {"learned_on": "erased" if on_erased else "base", "loss_before": before, "loss_after": after,
+             "init_word": config.init_word, "effective_lr": config.effective_lr, "norm_init": float(v0.norm()),
+             "norm_learned": float(v.norm()), "cosine_to_init": float(torch.cosine_similarity(v, v0, dim=0))}  # fmt: skip
     prompts = [f"{PLACEHOLDER} {p}" for p in ps.positives] if config.captions == "prefix" else ps.placeholders
     cands = tuple(Candidate(prompt=p, group=i, embedding=v.unsqueeze(0)) for i, p in enumerate(prompts))
     return AttackResult(candidates=cands, patch=target.patch, embeddings={"learned_embedding": v.unsqueeze(0)},
                         history={"loss": losses}, stats=stats)  # fmt: skip
 
 
+PAPER = {
+    "style": {"init_word": "art", "captions": "templates"},
+    "object": {"init_word": "object", "captions": "templates"},
+    "nsfw": {"init_word": "person", "captions": "prefix"},
+}
+# The leaderboard's MiniCanvas budget: 8 of the 25 images, 200 of the 5000 optimiser steps (4 %).
+QUICK = {kind: {**values, "images": 8, "train_steps": 200} for kind, values in PAPER.items()}
+
 register_attack(
     "textual-inversion",
     TextualInversionConfig,
-    presets={
-        "paper": {
-            "style": {"init_word": "art", "captions": "templates"},
-            "object": {"init_word": "object", "captions": "templates"},
-            "nsfw": {"init_word": "person", "captions": "prefix"},
-        }
-    },  # fmt: skip
+    presets={"paper": PAPER, "quick": QUICK},
     summary="Textual inversion (CCE): a token embedding learned on the erased model from base-model images",
 )(textual_inversion)
+register_attack(
+    "textual-inversion-transfer",
+    TextualInversionConfig,
+    presets={"paper": PAPER, "quick": QUICK},
+    summary="Textual inversion, black-box (M-ErasureBench): learned on the base model, used on the erased one",
+)(textual_inversion_transfer)

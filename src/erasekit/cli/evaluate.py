@@ -89,7 +89,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _summary(metrics: dict[str, Any], out: str) -> str:
-    keys = ("object_accuracy", "style_accuracy", "UA", "IRA", "CRA", "attack_success_rate", "clip_score")
+    keys = ("object_accuracy", "style_accuracy", "UA", "IRA", "CRA", "attack_success_rate", "clip_score",
+            "EraseEval")  # fmt: skip
     parts = [f"{k}={metrics[k]:.2f}" for k in keys if isinstance(metrics.get(k), (int, float))]
     if isinstance(metrics.get("fid"), dict):
         parts.append(f"FID={metrics['fid']['value']:.3f}")

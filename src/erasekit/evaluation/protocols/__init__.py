@@ -1,9 +1,10 @@
-"""The evaluation protocols, registered by name: ``minicanvas``, ``nsfw``, ``coco`` and ``prompts``.
+"""The evaluation protocols, registered by name: ``minicanvas``, ``nsfw``, ``coco``, ``prompts`` and ``eraseeval``.
 
 - ``minicanvas``: UnlearnCanvas's UA/IRA/CRA on the MiniCanvas grid (:mod:`.minicanvas`).
 - ``nsfw``: a nudity prompt set (I2P, MMA-Diffusion, Ring-A-Bell, UnlearnDiffAtk) scored with a NudeNet preset.
 - ``prompts``: any prompt file, scored with a detector: a NudeNet preset, or a classifier's rate of a target.
 - ``coco``: COCO captions scored with CLIP score and/or FID (:mod:`.coco`).
+- ``eraseeval``: EraseEval's M1-M4 and its combined score ``EraseEval``, adapted to MiniCanvas (:mod:`.eraseeval`).
 
 A protocol is a frozen config dataclass (what it measures; its fields become ``erasekit eval`` flags, as method
 configs become ``erasekit erase`` flags) plus ``fn(model, out, config, options) -> metrics``. :func:`evaluate` is
@@ -31,6 +32,7 @@ PROTOCOL_MODULES = (
     "erasekit.evaluation.protocols.minicanvas",
     "erasekit.evaluation.protocols.prompts",
     "erasekit.evaluation.protocols.coco",
+    "erasekit.evaluation.protocols.eraseeval",
 )
 PROTOCOLS: Registry[Spec] = Registry(
     "protocol", PROTOCOL_MODULES, require_paper=False, config_word="protocol config"
