@@ -9,8 +9,9 @@ For each sampling it evaluates the base model on the full grid (``--base-seeds``
 the ``minicanvas`` protocol as the leaderboard runs it. Every number gets a 95% bootstrap interval (2000 draws)
 over seeds and cells: seeds are drawn with replacement, and so are the objects and the styles (with a target,
 only the other kind's axis, so the target's class is always present). The first sampling is the reference; a
-``yes`` means the sampling's point estimate lies inside the reference's interval. Per image it also reports how
-often the verdict (object and style) equals the reference's on the same prompt and seed.
+``yes`` means the sampling's point estimate lies inside the reference's interval. The same draws, applied to both
+samplings (same prompts, same seeds, so the same starting noise), give a paired interval of the difference, which
+is far tighter. Per image it also reports how often the verdicts (object and style) equal the reference's.
 
 Runs are kept under ``--out``, so a rerun only scores what is already there.
 """
@@ -69,30 +70,53 @@ def records(metrics: dict) -> list[dict]:
     return out
 
 
-def scores(recs: list[dict], target: str | None, kind: str | None) -> dict[str, float]:
-    from erasekit.evaluation.unlearncanvas_metrics import accuracy, per_class, unlearning_scores
+def hits(recs: list[dict]) -> tuple[dict[str, list[str]], np.ndarray, np.ndarray]:
+    """The grid as arrays: axes, and ``[O, S, K]`` booleans (object verdict right, style verdict right)."""
+    axes = {k: sorted({r[k] for r in recs}) for k in ("object", "style", "seed")}
+    pos = {k: {v: i for i, v in enumerate(vals)} for k, vals in axes.items()}
+    shape = tuple(len(v) for v in axes.values())
+    ok = {k: np.zeros(shape, dtype=bool) for k in ("object", "style")}
+    for r in recs:
+        at = (pos["object"][r["object"]], pos["style"][r["style"]], pos["seed"][r["seed"]])
+        for k in ok:
+            ok[k][at] = r[f"pred_{k}"] == r[k]
+    return axes, ok["object"], ok["style"]
 
+
+def scores(axes, obj_ok, sty_ok, pick, target: str | None, kind: str | None) -> dict[str, float]:
+    """The protocol's numbers on the grid restricted to ``pick`` (index arrays per axis, repeats allowed)."""
+    o, s, k = np.ix_(pick["object"], pick["style"], pick["seed"])
+    obj, sty = 100.0 * obj_ok[o, s, k], 100.0 * sty_ok[o, s, k]  # [o, s, k]
     if target is None:
-        return {"object acc": accuracy(recs, "object"), "style acc": accuracy(recs, "style")}
-    classes = {k: per_class(recs, k, sorted({r[k] for r in recs})) for k in ("object", "style")}
-    got = unlearning_scores(recs, target, kind, classes)
-    return {"UA": got["UA"], "IRA": got["IRA"], "CRA": got["CRA"]}
+        return {"object acc": obj.mean(), "style acc": sty.mean()}
+    mine, other, axis = (sty, obj, 1) if kind == "style" else (obj, sty, 0)
+    per_class = np.moveaxis(mine, axis, 0).reshape(mine.shape[axis], -1).mean(1)  # each class's accuracy
+    t = axes[kind].index(target)
+    return {"UA": 100.0 - per_class[t], "IRA": np.delete(per_class, t).mean(), "CRA": other.mean()}
 
 
-def bootstrap(recs: list[dict], target: str | None, kind: str | None, rng) -> dict[str, tuple[float, float]]:
-    """95% intervals: seeds and cells drawn with replacement (see the module docstring)."""
-    seeds = sorted({r["seed"] for r in recs})
-    axes = {k: sorted({r[k] for r in recs}) for k in ("object", "style")}
-    resampled = [k for k in ("object", "style") if target is None or k != kind]
-    index = {(r["object"], r["style"], r["seed"]): r for r in recs}
-    draws: dict[str, list[float]] = {}
+def bootstrap(grids: dict, target: str | None, kind: str | None, rng, ref: str) -> dict:
+    """Point values, 95% intervals and, paired with the reference (the same draws), intervals of the difference.
+
+    Seeds and cells are drawn with replacement (see the module docstring); every sampling sees the same draws.
+    """
+    axes = next(iter(grids.values()))[0]
+    full = {k: np.arange(len(v)) for k, v in axes.items()}
+    resampled = [k for k in ("object", "style") if target is None or k != kind] + ["seed"]
+    point = {name: scores(*g, full, target, kind) for name, g in grids.items()}
+    draws: dict[str, dict[str, list[float]]] = {name: {} for name in grids}
     for _ in range(DRAWS):
-        pick = {k: (rng.choice(axes[k], len(axes[k])) if k in resampled else axes[k]) for k in axes}
-        pick_seeds = rng.choice(seeds, len(seeds))
-        sample = [index[(o, s, int(sd))] for o in pick["object"] for s in pick["style"] for sd in pick_seeds]
-        for name, value in scores(sample, target, kind).items():
-            draws.setdefault(name, []).append(value)
-    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
+        pick = {k: (rng.integers(0, len(v), len(v)) if k in resampled else v) for k, v in full.items()}
+        for name, g in grids.items():
+            for metric, value in scores(*g, pick, target, kind).items():
+                draws[name].setdefault(metric, []).append(value)
+    out = {}
+    for name in grids:
+        for metric, values in draws[name].items():
+            diff = np.array(values) - np.array(draws[ref][metric])
+            out[(name, metric)] = (point[name][metric], np.percentile(values, [2.5, 97.5]),
+                                   np.percentile(diff, [2.5, 97.5]))  # fmt: skip
+    return out
 
 
 def agreement(recs: list[dict], ref: list[dict]) -> float:
@@ -126,6 +150,7 @@ def main() -> None:
             cases.append((method, concept, guess_type(concept), args.erase_seeds))
     rows = []
     rng = np.random.default_rng(0)
+    ref = samplings[0]
     for label, concept, kind, seeds in cases:
         patch = None
         if concept is not None:
@@ -135,20 +160,18 @@ def main() -> None:
         for s in samplings:
             folder = Path(args.out) / f"{label.replace(':', '-')}_{concept or 'grid'}_{s}"
             results[s] = records(run(model, folder, s, seeds, concept, patch))
-        ref = results[samplings[0]]
-        ref_ci = bootstrap(ref, concept, kind, rng)
-        for s in samplings:
-            point = scores(results[s], concept, kind)
-            ci = bootstrap(results[s], concept, kind, rng)
-            for metric, value in point.items():
-                lo, hi = ref_ci[metric]
-                rows.append((f"{label} {concept or ''}".strip(), metric, s, value, ci[metric], lo <= value <= hi,
-                             agreement(results[s], ref)))  # fmt: skip
-    print(f"\n| case | metric | sampling | value | 95% interval | inside {samplings[0]}'s interval | "
-          f"verdicts equal to {samplings[0]}'s (%) |\n|---|---|---|---:|---|---|---:|")  # fmt: skip
-    for case, metric, s, value, (lo, hi), inside, agree in rows:
-        print(f"| {case} | {metric} | {s} | {value:.1f} | {lo:.1f}–{hi:.1f} | {'yes' if inside else 'NO'} "
-              f"| {agree:.1f} |")  # fmt: skip
+        stats = bootstrap({s: hits(r) for s, r in results.items()}, concept, kind, rng, ref)
+        for (s, metric), (value, ci, diff) in stats.items():
+            inside = stats[(ref, metric)][1][0] <= value <= stats[(ref, metric)][1][1]
+            rows.append((f"{label} {concept or ''}".strip(), metric, s, value, ci, inside, diff,
+                         agreement(results[s], results[ref])))  # fmt: skip
+    print(
+        f"\n| case | metric | sampling | value | 95% interval | inside {ref}'s interval | "
+        f"difference to {ref}, 95% (paired) | verdicts equal to {ref}'s (%) |\n|---|---|---|---:|---|---|---|---:|"
+    )
+    for case, metric, s, value, (lo, hi), inside, (dlo, dhi), agree in rows:
+        print(f"| {case} | {metric} | {s} | {value:.1f} | {lo:.1f}–{hi:.1f} | {'yes' if inside else 'NO'} | "
+              f"{dlo:+.1f} to {dhi:+.1f} | {agree:.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

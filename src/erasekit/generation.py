@@ -244,14 +244,25 @@ def _version(t: torch.Tensor | None) -> int:
     return -1 if t is None or t.is_inference() else t._version
 
 
+def _plain_linear(module: Any) -> bool:
+    """An ``nn.Linear`` nothing else watches: no torch hooks, no accelerate hook (CPU offloading moves the
+    weights in its wrapped ``forward``), no instance-level ``forward``."""
+    return (
+        type(module) is torch.nn.Linear
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not hasattr(module, "_hf_hook")
+        and "forward" not in vars(module)
+    )
+
+
 @contextlib.contextmanager
 def text_kv_cache(pipe: Any) -> Iterator[None]:
     """Inside the block, the UNet's cross-attention key and value projections compute their output once per
     text-conditioning tensor: the pipeline passes the same tensor at every denoising step.
 
     The projections are swapped, by name, for :class:`_MemoLinear` modules holding the same parameters, and put
-    back after the block. Projections that are not plain ``nn.Linear`` or carry hooks are left alone; a pipeline
-    without a UNet is left alone.
+    back after the block. Projections that are not plain ``nn.Linear`` or are hooked (LoRA layers, CPU
+    offloading) are left alone; a pipeline without a UNet is left alone.
     """
     from diffusers.models.attention_processor import Attention
 
@@ -263,9 +274,7 @@ def text_kv_cache(pipe: Any) -> Iterator[None]:
                 continue
             for name in ("to_k", "to_v"):
                 linear = getattr(module, name, None)
-                if type(linear) is torch.nn.Linear and not (
-                    linear._forward_hooks or linear._forward_pre_hooks
-                ):
+                if _plain_linear(linear):
                     setattr(module, name, _MemoLinear(linear))
                     swapped.append((module, name, linear))
         yield
