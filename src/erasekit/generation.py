@@ -18,6 +18,9 @@ call :func:`render`, which calls the pipeline's own ``__call__`` with
 What an image depends on: its prompt (or conditioning), its seed and the :class:`Sampling`. Not on the batch it
 lands in, up to float rounding: batched kernels may sum in another order, which moves a few 8-bit pixel values by
 one level (measured: docs/benchmarks.md, "Batch-size invariance"). Tests assert that bound, never bitwise equality.
+
+:class:`Speedups` are runtime settings of the same path (on by default): they skip work whose result is already
+known and change no image beyond that rounding; they are never recorded (docs/benchmarks.md, "Evaluation speed").
 """
 
 from __future__ import annotations
@@ -77,6 +80,37 @@ class Sampling:
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
+@dataclass(frozen=True, kw_only=True)
+class Speedups:
+    """Runtime speed-ups of the generation path; none changes an image beyond float rounding, none is recorded.
+
+    Attributes:
+        shared_prompts: a batch whose prompts come in equal runs (the protocols' prompt x seeds grids) encodes each
+            distinct prompt once, through the pipeline's own ``num_images_per_prompt``.
+        text_kv_cache: the cross-attention keys and values of the text conditioning, which no denoising step
+            changes, are computed once per pipeline call instead of once per step (UNet denoisers; the joint
+            attention of SD3 and Flux transformers has no such projections and is left alone).
+        overlap_writes: the evaluation runner writes and fsyncs a batch's PNGs and manifest lines in a background
+            thread while the next batch renders (:func:`erasekit.evaluation.runner.generate`).
+    """
+
+    shared_prompts: bool = field(
+        default=True, metadata={"help": "encode each distinct prompt once per batch"}
+    )
+    text_kv_cache: bool = field(
+        default=True, metadata={"help": "cross-attention keys/values of the text once per call, not per step"}
+    )
+    overlap_writes: bool = field(
+        default=True, metadata={"help": "write a batch's files while the next batch renders"}
+    )
+
+
+#: Every speed-up on: the default of every caller.
+FAST = Speedups()
+#: The pipeline call exactly as a user would make it (the reference in tests and benchmarks).
+PLAIN = Speedups(shared_prompts=False, text_kv_cache=False, overlap_writes=False)
+
+
 @dataclass(frozen=True)
 class Request:
     """One image to render.
@@ -123,6 +157,7 @@ def render(
     batch_size: int = 8,
     output: str = "np",
     desc: str | None = "generating",
+    speedups: Speedups = FAST,
 ) -> list[Any]:
     """Generate one image per request through the pipeline's own ``__call__`` (see the module docstring).
 
@@ -134,6 +169,7 @@ def render(
         output: ``"np"`` for float32 ``[H, W, 3]`` arrays in [0, 1]; ``"latent"`` for the denoised latents
             ``[C, h, w]`` before the VAE decodes them.
         desc: the progress bar's label; ``None`` draws no bar (the caller draws its own).
+        speedups: runtime speed-ups (see :class:`Speedups`); :data:`PLAIN` for the plain pipeline call.
 
     Returns:
         One array (``np``) or tensor (``latent``) per request, in order.
@@ -147,12 +183,13 @@ def render(
             raise ErasekitError(f"strength {req.strength} of {sampling.steps} steps leaves no denoising step")
     batches = list(_batches(requests, batch_size))
     out: list[Any] = []
-    with prepared(pipe, sampling.scheduler), torch.no_grad():
+    kv_cache = text_kv_cache(pipe) if speedups.text_kv_cache else contextlib.nullcontext()
+    with prepared(pipe, sampling.scheduler), kv_cache, torch.no_grad():
         editor = image_pipeline(pipe) if any(r.init is not None for r in requests) else None
         shown = batches if desc is None else track(batches, desc=desc, total=len(batches), unit="batch")
         for batch in shown:
             runner = pipe if batch[0].init is None else editor
-            images = runner(**_call_kwargs(pipe, batch, sampling, output)).images
+            images = runner(**_call_kwargs(pipe, batch, sampling, output, speedups.shared_prompts)).images
             out += [img.float().cpu() for img in images] if output == "latent" else list(images)
     return out
 
@@ -188,7 +225,9 @@ def _batches(requests: Sequence[Request], size: int) -> Iterator[list[Request]]:
         yield batch
 
 
-def _call_kwargs(pipe: Any, batch: list[Request], sampling: Sampling, output: str) -> dict[str, Any]:
+def _call_kwargs(
+    pipe: Any, batch: list[Request], sampling: Sampling, output: str, shared_prompts: bool = False
+) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "generator": [torch.Generator("cpu").manual_seed(int(r.seed)) for r in batch],
         "num_inference_steps": sampling.steps,
@@ -209,9 +248,13 @@ def _call_kwargs(pipe: Any, batch: list[Request], sampling: Sampling, output: st
             pipe.device, denoiser.dtype
         )  # [B, C, h, w]
     if batch[0].embeds is None:
-        kwargs["prompt"] = [r.prompt for r in batch]
+        prompts = [r.prompt for r in batch]
+        run = _run_length(prompts) if shared_prompts and batch[0].init is None else 1
+        kwargs["prompt"] = prompts[::run]  # the pipeline repeats each one ``run`` times, in place
+        if run > 1:
+            kwargs["num_images_per_prompt"] = run
         if sampling.negative_prompt is not None:
-            kwargs["negative_prompt"] = [sampling.negative_prompt] * len(batch)
+            kwargs["negative_prompt"] = [sampling.negative_prompt] * len(kwargs["prompt"])
         return kwargs
     from erasekit.denoising import encode_prompts
 
@@ -220,6 +263,79 @@ def _call_kwargs(pipe: Any, batch: list[Request], sampling: Sampling, output: st
     kwargs["prompt_embeds"] = cond
     kwargs["negative_prompt_embeds"] = negative.expand_as(cond)
     return kwargs
+
+
+def _run_length(prompts: Sequence[str]) -> int:
+    """``k`` when ``prompts`` is consecutive runs of ``k`` equal prompts (``[a, a, b, b]``: 2), else 1."""
+    k = 1
+    while k < len(prompts) and prompts[k] == prompts[0]:
+        k += 1
+    if len(prompts) % k or any(p != prompts[i - i % k] for i, p in enumerate(prompts)):
+        return 1
+    return k
+
+
+class _MemoLinear(torch.nn.Module):
+    """The same parameters as ``linear``; a call on the input tensor of the previous call, with the weights
+    unchanged (their version counters), returns the previous output instead of computing it again."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight  # the very Parameters: qualified names and patches are unaffected
+        self.bias = linear.bias
+        self._last: tuple[torch.Tensor, tuple[int, ...], torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = tuple(_version(t) for t in (x, self.weight, self.bias))
+        if self._last is not None and self._last[0] is x and self._last[1] == key:
+            return self._last[2]
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        self._last = (x, key, y)
+        return y
+
+
+def _version(t: torch.Tensor | None) -> int:
+    """A tensor's in-place version counter (-1 for ``None`` and inference tensors, which keep none)."""
+    return -1 if t is None or t.is_inference() else t._version
+
+
+def _plain_linear(module: Any) -> bool:
+    """An ``nn.Linear`` nothing else watches: no torch hooks, no accelerate hook (CPU offloading moves the
+    weights in its wrapped ``forward``), no instance-level ``forward``."""
+    return (
+        type(module) is torch.nn.Linear
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not hasattr(module, "_hf_hook")
+        and "forward" not in vars(module)
+    )
+
+
+@contextlib.contextmanager
+def text_kv_cache(pipe: Any) -> Iterator[None]:
+    """Inside the block, the UNet's cross-attention key and value projections compute their output once per
+    text-conditioning tensor: the pipeline passes the same tensor at every denoising step.
+
+    The projections are swapped, by name, for :class:`_MemoLinear` modules holding the same parameters, and put
+    back after the block. Projections that are not plain ``nn.Linear`` or are hooked (LoRA layers, CPU
+    offloading) are left alone; a pipeline without a UNet is left alone.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    unet = getattr(pipe, "unet", None)
+    swapped: list[tuple[Any, str, torch.nn.Module]] = []
+    try:
+        for module in unet.modules() if unet is not None else ():
+            if not isinstance(module, Attention) or not module.is_cross_attention:
+                continue
+            for name in ("to_k", "to_v"):
+                linear = getattr(module, name, None)
+                if _plain_linear(linear):
+                    setattr(module, name, _MemoLinear(linear))
+                    swapped.append((module, name, linear))
+        yield
+    finally:
+        for module, name, linear in reversed(swapped):
+            setattr(module, name, linear)
 
 
 @contextlib.contextmanager

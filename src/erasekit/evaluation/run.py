@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from erasekit.errors import ErasekitError
 from erasekit.evaluation import record as rec
 from erasekit.evaluation.runner import Job, barrier, generate, shard
-from erasekit.generation import Sampling, scheduler_info
+from erasekit.generation import FAST, Sampling, Speedups, scheduler_info
 from erasekit.hooked import compose
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ def run_protocol(
     merge: str | None = None,
     batch_size: int = 8,
     overwrite: bool = False,
+    speedups: Speedups | None = None,
 ) -> dict[str, Any]:
     """Generate ``jobs`` with the patched model into ``out``, score them, and write metrics and record.
 
@@ -56,6 +57,7 @@ def run_protocol(
         merge: merge rule for patches that change the same tensor.
         batch_size: images per pipeline call (runtime only).
         overwrite: replace a finished run at ``out``.
+        speedups: the generation path's runtime speed-ups (``None``: the defaults; never recorded).
 
     Returns:
         The metrics (``{}`` on ranks other than 0).
@@ -75,7 +77,7 @@ def run_protocol(
     before = _done_keys(out)
     gen_start = time.perf_counter()
     with patch.applied(model) if patch is not None else contextlib.nullcontext():
-        entries = generate(pipeline, jobs, out, sampling, batch_size=batch_size)
+        entries = generate(pipeline, jobs, out, sampling, batch_size=batch_size, speedups=speedups or FAST)
     gen_seconds = time.perf_counter() - gen_start
     if rank != 0:
         return {}

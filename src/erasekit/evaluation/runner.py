@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from erasekit.errors import ErasekitError
-from erasekit.generation import Request, Sampling, png_bytes, render, to_uint8
+from erasekit.generation import FAST, Request, Sampling, Speedups, png_bytes, render, to_uint8
 from erasekit.io import atomic_write_bytes, atomic_write_text
 from erasekit.progress import track
 
@@ -72,7 +73,13 @@ def shard() -> tuple[int, int]:
 
 
 def generate(
-    pipeline: Any, jobs: Sequence[Job], out: str | Path, sampling: Sampling, *, batch_size: int = 8
+    pipeline: Any,
+    jobs: Sequence[Job],
+    out: str | Path,
+    sampling: Sampling,
+    *,
+    batch_size: int = 8,
+    speedups: Speedups = FAST,
 ) -> list[dict[str, Any]]:
     """Generate every job not yet done into ``out``; return the merged manifest entries in job order.
 
@@ -82,6 +89,7 @@ def generate(
         out: the run directory.
         sampling: steps, guidance, size, scheduler.
         batch_size: images per pipeline call (a runtime setting: it does not change the images).
+        speedups: the generation path's runtime speed-ups (:class:`~erasekit.generation.Speedups`).
     """
     if batch_size < 1:
         raise ErasekitError(f"batch size must be at least 1, not {batch_size}")
@@ -92,7 +100,7 @@ def generate(
     rank, world = shard()
     done = {e["key"] for e in read_manifest(out) if (out / e["file"]).is_file()}
     mine = [j for j in jobs[rank::world] if j.key not in done]
-    _run_batches(pipeline, mine, out, sampling, batch_size, out / f"manifest.part-{rank}.jsonl")
+    _run_batches(pipeline, mine, out, sampling, batch_size, speedups, out / f"manifest.part-{rank}.jsonl")
     barrier(world)
     if rank == 0:
         merge_manifests(out, keys)
@@ -102,18 +110,40 @@ def generate(
 
 
 def _run_batches(
-    pipeline: Any, jobs: list[Job], out: Path, sampling: Sampling, batch_size: int, part: Path
+    pipeline: Any,
+    jobs: list[Job],
+    out: Path,
+    sampling: Sampling,
+    batch_size: int,
+    speedups: Speedups,
+    part: Path,
 ) -> None:
-    """Render the jobs a batch at a time; each batch's PNGs are written before its manifest lines."""
+    """Render the jobs a batch at a time; each batch's PNGs are written before its manifest lines.
+
+    With ``speedups.overlap_writes`` one background thread writes (and fsyncs) batch ``k`` while batch ``k + 1``
+    renders; at most one batch waits, and a failed write stops the run at the next batch.
+    """
     if not jobs:
         return
     chunks = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
-    for chunk in track(chunks, desc="generating", total=len(chunks), unit="batch"):
-        requests = [Request(seed=j.seed, prompt=j.prompt, guidance=j.guidance) for j in chunk]
-        images = render(pipeline, requests, sampling, batch_size=batch_size, desc=None)
-        for job, image in zip(chunk, images):
-            atomic_write_bytes(out / IMAGES / f"{job.key}.png", png_bytes(to_uint8(image)))
-        _append_lines(part, [_entry(job, sampling) for job in chunk])
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="erasekit-writer") as writer:
+        pending: Future | None = None
+        for chunk in track(chunks, desc="generating", total=len(chunks), unit="batch"):
+            requests = [Request(seed=j.seed, prompt=j.prompt, guidance=j.guidance) for j in chunk]
+            images = render(pipeline, requests, sampling, batch_size=batch_size, desc=None, speedups=speedups)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_write_batch, out, chunk, images, sampling, part)
+            if not speedups.overlap_writes:
+                pending.result()
+        if pending is not None:
+            pending.result()
+
+
+def _write_batch(out: Path, chunk: list[Job], images: list[Any], sampling: Sampling, part: Path) -> None:
+    for job, image in zip(chunk, images):
+        atomic_write_bytes(out / IMAGES / f"{job.key}.png", png_bytes(to_uint8(image)))
+    _append_lines(part, [_entry(job, sampling) for job in chunk])
 
 
 def _entry(job: Job, sampling: Sampling) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from erasekit.registry import Registry, Spec
 
 if TYPE_CHECKING:
     from erasekit.evaluation.classifiers import ImageClassifier
-    from erasekit.generation import Sampling
+    from erasekit.generation import Sampling, Speedups
     from erasekit.models.loading import LoadedModel
     from erasekit.patch import Patch
 
@@ -58,6 +58,7 @@ class RunOptions:
         overwrite: replace a finished run at ``out``.
         classifier: the two-head classifier (``None``: the built-in MiniCanvas one).
         nudenet: a detector callable in NudeNet's output format (tests); NudeNet itself when ``None``.
+        speedups: the generation path's runtime speed-ups (``None``: the defaults, all on).
     """
 
     patches: tuple[Patch, ...] = ()
@@ -67,6 +68,7 @@ class RunOptions:
     overwrite: bool = False
     classifier: ImageClassifier | None = None
     nudenet: Callable[..., Any] | None = None
+    speedups: Speedups | None = None
 
     def sampling_for(self, model: LoadedModel) -> Sampling:
         from erasekit.generation import Sampling
@@ -91,6 +93,7 @@ def evaluate(
     overwrite: bool = False,
     classifier: ImageClassifier | None = None,
     nudenet: Callable[..., Any] | None = None,
+    speedups: Speedups | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
     """Run ``protocol`` on ``model`` (with ``patches``) into ``out``; ``fields`` set the protocol's config.
@@ -103,7 +106,8 @@ def evaluate(
     }  # paths are recorded as text
     config = PROTOCOLS.config(protocol, None, None, fields)
     options = RunOptions(patches=tuple(patches), merge=merge, sampling=sampling, batch_size=batch_size,
-                         overwrite=overwrite, classifier=classifier, nudenet=nudenet)  # fmt: skip
+                         overwrite=overwrite, classifier=classifier, nudenet=nudenet,
+                         speedups=speedups)  # fmt: skip
     return PROTOCOLS.get(protocol).fn(model, out, config, options)
 
 
