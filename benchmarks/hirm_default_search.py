@@ -49,6 +49,7 @@ KINDS = ("style", "object")
 # the template words) in place. None of them is a grid caption.
 GENERIC = ("an image", "a picture", "A image in style.", "style artwork", "a photo of a thing")
 HOLD = {"preserve_unconditional": True, "retain_prompts": GENERIC}
+OUT = "last_hidden_state"  # the encoder output the denoiser reads
 TEMPLATES = {"style": ("in the style of {}", "{} style"), "object": ("a {}", "the {}")}
 
 
@@ -86,6 +87,23 @@ def candidates(concept: str) -> dict[str, dict[str, Any]]:
         "rel k1 s100 lr1e-4 hold w100": rel(1, **HOLD, steps=100, lr=1e-4, preserve_weight=100.0),
         "rel k1 s100 lr1e-4 hold w10 templates": rel(1, **HOLD, steps=100, lr=1e-4, preserve_weight=10.0,
                                                       templates=TEMPLATES[kind]),
+        "rel k100 s100 hold@out w100": rel(100, **HOLD, steps=100, preserve_weight=100.0, preserve_at=OUT),
+        "rel k100 s100 hold@out w300": rel(100, **HOLD, steps=100, preserve_weight=300.0, preserve_at=OUT),
+        "rel k100 s100 world@out w100": rel(100, **world, steps=100, preserve_weight=100.0, preserve_at=OUT),
+        "last rel k1 s100 lr1e-4 hold w10": rel(1, **HOLD, supervision=OUT, steps=100, lr=1e-4,
+                                                 preserve_weight=10.0),
+        "last rel k1 s100 lr1e-4 hold w30": rel(1, **HOLD, supervision=OUT, steps=100, lr=1e-4,
+                                                 preserve_weight=30.0),
+        "last rel k1 s100 lr1e-4 world w10": rel(1, **world, supervision=OUT, steps=100, lr=1e-4,
+                                                  preserve_weight=10.0),
+        "last rel k1 s100 lr1e-4 hold w20": rel(1, **HOLD, supervision=OUT, steps=100, lr=1e-4,
+                                                 preserve_weight=20.0),
+        "last rel k1 s200 lr1e-4 hold w20": rel(1, **HOLD, supervision=OUT, steps=200, lr=1e-4,
+                                                 preserve_weight=20.0),
+        "last rel k1 s100 lr1e-4 hold w20 templates": rel(1, **HOLD, supervision=OUT, steps=100, lr=1e-4,
+                                                           preserve_weight=20.0, templates=TEMPLATES[kind]),
+        "last rel k1 s100 lr1e-4 hold w30 templates": rel(1, **HOLD, supervision=OUT, steps=100, lr=1e-4,
+                                                           preserve_weight=30.0, templates=TEMPLATES[kind]),
     }  # fmt: skip
 
 
@@ -189,13 +207,51 @@ def table(results: Mapping[str, Mapping[str, Mapping[str, float]]], base: Mappin
     return "\n".join(lines) + "\n"
 
 
+def plot(out: Path, png: Path) -> None:
+    """The frontier: dev UA against retention (IRA + CRA) / 2, one panel per concept type, every candidate
+    with all three scores (screen: 1 seed, 4 concepts; confirm: 2 seeds, 8 concepts), and the base model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, kind in zip(axes, KINDS):
+        for stage, marker in (("screen", "o"), ("confirm", "s")):
+            file = out / f"{stage}.json"
+            if not file.is_file():
+                continue
+            data = json.loads(file.read_text())
+            b = type_means(data["base"], kind)
+            ax.scatter([(b["IRA"] + b["CRA"]) / 2], [b["UA"]], marker=marker, c="k")
+            for name, cells in data["candidates"].items():
+                m = type_means(cells, kind)
+                if "IRA" not in m:
+                    continue
+                x = (m["IRA"] + m["CRA"]) / 2
+                ax.scatter([x], [m["UA"]], marker=marker, c="tab:blue" if stage == "screen" else "tab:red")
+                ax.annotate(name, (x, m["UA"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            ax.axvline(min(b["IRA"], b["CRA"]) - TOLERANCE, ls=":", c="grey")
+        ax.set_title(f"{kind}s (blue: screen, 1 seed; red: confirm, 2 seeds; black: base)", fontsize=8)
+        ax.set_xlabel("retention (IRA + CRA) / 2, %")
+        ax.set_ylabel("UA, %")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=130)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="results folder (resumed when it exists)")
     parser.add_argument("--stage", choices=("ua", "screen", "confirm"), default="screen")
     parser.add_argument("--configs", default=None, help="comma-separated candidate names (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--plot", default=None, help="write the frontier PNG here (from OUT's tables) and stop")
     args = parser.parse_args()
+    if args.plot:
+        plot(Path(args.out), Path(args.plot))
+        return 0
 
     from erasekit.models.loading import load
     from erasekit.progress import set_enabled
@@ -212,11 +268,13 @@ def main() -> int:
     results: dict[str, dict[str, dict[str, float]]] = {}
     for concept in concepts:
         for name, overrides in candidates(concept).items():
-            if only is not None and name not in only:
-                continue
             stage = "ua" if args.stage == "ua" else f"s{seeds}"
-            cell = cached(out / "cells" / stage / slug(name) / f"{concept}.json", fn,
-                          model, overrides, concept, out / "runs" / stage / slug(name) / concept, seeds)  # fmt: skip
+            file = out / "cells" / stage / slug(name) / f"{concept}.json"
+            if only is not None and name not in only:
+                if file.is_file():  # measured by an earlier call: kept in the table
+                    results.setdefault(name, {})[concept] = json.loads(file.read_text())
+                continue
+            cell = cached(file, fn, model, overrides, concept, out / "runs" / stage / slug(name) / concept, seeds)
             results.setdefault(name, {})[concept] = cell
             scores = " ".join(f"{k} {cell[k]:5.1f}" for k in ("UA", "IRA", "CRA") if k in cell)
             print(f"[{time.perf_counter() - start:6.0f}s {time.process_time() - cpu:6.0f} cpu-s] {name:<40} "

@@ -242,12 +242,13 @@ def paper_preset(coefficient: float) -> dict[str, Any]:
 
 
 def presets(coefficient: float, default_changes: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """``paper`` and ``default``: ``default`` is ``paper`` plus only the changes that won on MiniCanvas
-    (docs/hirm.md keeps the ablation table and the rule)."""
-    return {
-        "paper": paper_preset(coefficient),
-        "default": {**paper_preset(coefficient), **(default_changes or {})},
-    }
+    """``paper`` and ``default``: ``default`` is ``paper`` plus ``default_changes`` (shared fields, and per
+    concept type a dict merged into that type's own), chosen on the dev concepts (docs/hirm.md)."""
+    paper = paper_preset(coefficient)
+    default = dict(paper)
+    for key, value in (default_changes or {}).items():
+        default[key] = {**paper[key], **value} if key in CONCEPT_TYPES else value
+    return {"paper": paper, "default": default}
 
 
 #: What hirm-r's ``default`` changes from ``paper``: the loss skips position 0 (BOS). On MiniCanvas it kept
