@@ -203,6 +203,49 @@ def test_hirm_s_target_is_the_frozen_anchors_activation(tok):
     )
 
 
+def test_relative_coefficient_scales_the_target_to_the_concepts_own_activation(tok):
+    enc = tiny_encoder()
+    point = "encoder.layers.1.self_attn.out_proj"
+    config = HirmConfig(coefficient_mode="relative", coefficient=2.0, templates=("{} art",), multi="joint")
+    batch = build_batch(enc, tok, ["Van Gogh", "Monet"], config)
+    reps = hooked(enc, ids_of(tok, ["Van Gogh", "Monet"]), point)
+    norms = batch.targets.flatten(1).norm(dim=1)  # rows: Van Gogh, Van Gogh art, Monet, Monet art
+    expected = (2.0 * reps.flatten(1).norm(dim=1)).repeat_interleave(2)
+    torch.testing.assert_close(norms, expected, rtol=1e-5, atol=0)
+    absolute = build_batch(enc, tok, ["Van Gogh"], HirmConfig(coefficient=3.0))
+    direction = absolute.targets[0] / absolute.targets[0].norm()
+    torch.testing.assert_close(batch.targets[0] / norms[0], direction)  # same draw, only the norm differs
+
+
+@pytest.mark.parametrize("distribution", ["centered", "gaussian"])
+def test_zero_mean_random_targets(distribution):
+    t = random_targets(2, 77, 64, 42, 10.0, distribution)
+    uniform = random_targets(2, 77, 64, 42, 10.0)
+    assert torch.allclose(t.flatten(1).norm(dim=1), torch.full((2,), 10.0))
+    per_value = 10.0 / (77 * 64) ** 0.5  # the typical size of one entry
+    assert abs(t.mean().item()) < 0.05 * per_value < uniform.mean().item()
+    cosine = torch.nn.functional.cosine_similarity(t[0, :-1], t[0, 1:], dim=-1)  # neighbouring positions
+    assert cosine.abs().mean() < 0.2 < torch.nn.functional.cosine_similarity(
+        uniform[0, :-1], uniform[0, 1:], dim=-1
+    ).mean()
+
+
+def test_preserve_unconditional_keeps_the_empty_prompt(tok):
+    enc = tiny_encoder()
+    config = HirmConfig(retain_prompts=("a dog",), preserve_unconditional=True)
+    batch = build_batch(enc, tok, ["Van Gogh"], config)
+    assert batch.num_concept == 1 and batch.input_ids.tolist() == ids_of(tok, ["Van Gogh", "a dog", ""]).tolist()
+    assert torch.equal(batch.targets[2], hooked(enc, ids_of(tok, [""]), batch.point)[0])
+    ids = ids_of(tok, [""])
+    base = hooked(enc, ids, batch.point)
+    drift = {}
+    for keep in (False, True):
+        config = HirmConfig(steps=10, lr=1e-3, preserve_unconditional=keep, preserve_weight=1e4)
+        with trained(enc, tok, ["Van Gogh"], config):
+            drift[keep] = (hooked(enc, ids, batch.point) - base).norm().item()
+    assert drift[True] < 0.5 * drift[False]
+
+
 def test_nudity_safe_misdirection_target_is_built_from_pairs(tok):
     enc = tiny_encoder()
     point = "encoder.layers.1.self_attn.out_proj"
@@ -422,6 +465,28 @@ def test_preservation_keeps_retain_prompts_closer(tok):
     assert drift[1e4] < 0.5 * drift[0.0]
 
 
+def test_preserve_at_reads_the_retain_prompts_where_asked(tok):
+    enc = tiny_encoder(layers=3)
+    retain = ("a photo of a dog", "a red car")
+    config = HirmConfig(retain_prompts=retain, preserve_at="last_hidden_state")
+    batch = build_batch(enc, tok, ["Van Gogh"], config)
+    assert batch.points == ("encoder.layers.2.self_attn.out_proj", "final_layer_norm")
+    with torch.no_grad():
+        out = enc(input_ids=ids_of(tok, retain)).last_hidden_state
+    assert torch.equal(batch.targets[1:], out)
+    assert build_batch(enc, tok, ["Van Gogh"], HirmConfig(preserve_at="last_hidden_state")).points == (
+        batch.point,
+    )  # no retain rows: the forward stops at the supervision point, as in the paper
+    ids = ids_of(tok, retain)
+    base = enc(input_ids=ids).last_hidden_state.detach()
+    drift = {}
+    for at in ("", "last_hidden_state"):
+        config = HirmConfig(steps=10, lr=1e-3, retain_prompts=retain, preserve_weight=1e2, preserve_at=at)
+        with trained(enc, tok, ["Van Gogh"], config), torch.no_grad():
+            drift[at] = (enc(input_ids=ids).last_hidden_state - base).norm().item()
+    assert drift["last_hidden_state"] < drift[""]
+
+
 # ---- errors and the command line ---------------------------------------------------------------------------
 
 
@@ -434,9 +499,14 @@ def test_bad_options_are_clear_errors(tok):
         {"parts": ("attn", "ffn")},
         {"templates": ("no placeholder",)},
         {"steps": 0},
+        {"coefficient_mode": "scaled"},
+        {"target_distribution": "normal"},
+        {"preserve_at": "output"},
     ):
         with pytest.raises(ErasekitError, match="invalid hirm-r config"):
             registry.make_config("hirm-r", **bad)
+    with pytest.raises(ErasekitError, match="random targets"):
+        registry.make_config("hirm-s", coefficient_mode="relative")
     with pytest.raises(ErasekitError, match="out of range"):
         registry.erase(model, ["x"], "hirm-r", blocks=(5,))
     half = LoadedModel(

@@ -17,6 +17,8 @@ from erasekit.concepts import CONCEPT_TYPES
 TARGETS = ("random", "semantic")
 LOSS_POSITIONS = ("all", "no_bos", "content")
 MULTI_MODES = ("joint", "average")
+COEFFICIENT_MODES = ("absolute", "relative")
+TARGET_DISTRIBUTIONS = ("uniform", "centered", "gaussian")
 PARTS = ("attn", "mlp")
 
 # The released code's nudity prompt, kept byte for byte (including the space before the first comma).
@@ -65,6 +67,20 @@ class HirmConfig:
     coefficient: float = field(
         default=5000.0, metadata=_help("steering coefficient c: the target's Frobenius norm (R) or scale (S)")
     )
+    coefficient_mode: Literal["absolute", "relative"] = field(
+        default="absolute",
+        metadata=_help(
+            "hirm-r: absolute (paper: the target's norm is c) or relative (c x the norm of the concept's own "
+            "frozen activation at the supervision point, so c means the same on every encoder)"
+        ),
+    )
+    target_distribution: Literal["uniform", "centered", "gaussian"] = field(
+        default="uniform",
+        metadata=_help(
+            "hirm-r: the random draw before scaling: uniform U(0,1) (paper, all positive), centered U(0,1)-0.5 "
+            "or gaussian N(0,1) (both zero-mean)"
+        ),
+    )
     anchor: str | None = field(
         default=None,
         metadata=_help("hirm-s super-category prompt; None = per type (style: painting, object: object)"),
@@ -109,6 +125,20 @@ class HirmConfig:
     preserve_weight: float = field(
         default=1.0, metadata=_help("weight of the retain-prompt preservation loss")
     )
+    preserve_at: str = field(
+        default="",
+        metadata=_help(
+            "where the preservation loss reads: empty = the supervision point, or attn_out:N, block:N, "
+            "last_hidden_state (the encoder output the denoiser reads)"
+        ),
+    )
+    preserve_unconditional: bool = field(
+        default=False,
+        metadata=_help(
+            "also keep the empty prompt (the unconditional embedding classifier-free guidance uses) at its "
+            "frozen value, in the preservation loss"
+        ),
+    )
     multi: Literal["joint", "average"] = field(
         default="joint",
         metadata=_help(
@@ -121,6 +151,12 @@ class HirmConfig:
         _check_choice("target", self.target, TARGETS)
         _check_choice("loss_positions", self.loss_positions, LOSS_POSITIONS)
         _check_choice("multi", self.multi, MULTI_MODES)
+        _check_choice("coefficient_mode", self.coefficient_mode, COEFFICIENT_MODES)
+        _check_choice("target_distribution", self.target_distribution, TARGET_DISTRIBUTIONS)
+        random_only = {"coefficient_mode": "absolute", "target_distribution": "uniform"}
+        changed = [k for k, v in random_only.items() if getattr(self, k) != v]
+        if self.target != "random" and changed:
+            raise ValueError(f"{changed[0]} applies to random targets (hirm-r) only")
         self._resolve("steps", PAPER_STEPS[self.concept_type])
         self._resolve("lr", PAPER_LR[self.concept_type])
         if self.target == "semantic":
@@ -128,10 +164,10 @@ class HirmConfig:
         self._check_numbers()
         self._check_parameters()
         self._check_prompts()
-        if not _SUPERVISION.match(self.supervision):
-            raise ValueError(
-                f"supervision {self.supervision!r}: use attn_out:N, block:N or last_hidden_state"
-            )
+        for name in ("supervision", "preserve_at"):
+            value = getattr(self, name)
+            if not _SUPERVISION.match(value) and not (name == "preserve_at" and value == ""):
+                raise ValueError(f"{name} {value!r}: use attn_out:N, block:N or last_hidden_state")
 
     def _resolve(self, name: str, value: Any) -> None:
         if getattr(self, name) is None:
@@ -210,10 +246,14 @@ def paper_preset(coefficient: float, steps: dict[str, int] = PAPER_STEPS) -> dic
 def presets(
     coefficient: float, default_changes: dict[str, Any] | None = None, steps: dict[str, int] = PAPER_STEPS
 ) -> dict[str, dict[str, Any]]:
-    """``paper`` and ``default``: ``default`` is ``paper`` plus only the changes that won on MiniCanvas
-    (docs/hirm.md keeps the ablation table and the rule). ``steps``: per concept type (hirm-s: the paper's notes)."""
+    """``paper`` and ``default``: ``default`` is ``paper`` plus ``default_changes`` (shared fields, and per
+    concept type a dict merged into that type's own), chosen on the dev concepts (docs/hirm.md). ``steps``: per
+    concept type (hirm-s: the paper's notes)."""
     paper = paper_preset(coefficient, steps)
-    return {"paper": paper, "default": {**paper, **(default_changes or {})}}
+    default = dict(paper)
+    for key, value in (default_changes or {}).items():
+        default[key] = {**paper[key], **value} if key in CONCEPT_TYPES else value
+    return {"paper": paper, "default": default}
 
 
 #: What hirm-r's ``default`` changes from ``paper``: the loss skips position 0 (BOS). On MiniCanvas it kept

@@ -92,21 +92,35 @@ def supervised_forward(
     layers after the supervision point (for HiRM's default, the last block's MLP and the final LayerNorm)
     cannot change the loss, so they are not run. The returned tensor is identical either way.
     """
-    captured: list[torch.Tensor] = []
+    return forward_points(encoder, input_ids, (point,), stop_early)[0]
 
-    def read_output(module: torch.nn.Module, args: Any, output: Any) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        if stop_early:
-            raise _StopForward
 
-    handle = encoder.get_submodule(point).register_forward_hook(read_output)
+def forward_points(
+    encoder: torch.nn.Module, input_ids: torch.Tensor, points: Sequence[str], stop_early: bool = True
+) -> list[torch.Tensor]:
+    """The outputs ``(B, L, d)`` of the modules ``points`` (distinct names) in one forward, in that order.
+
+    With ``stop_early`` the forward is aborted once the last of them has been read.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def reader(name: str) -> Any:
+        def read_output(module: torch.nn.Module, args: Any, output: Any) -> None:
+            captured[name] = output[0] if isinstance(output, tuple) else output
+            if stop_early and len(captured) == len(points):
+                raise _StopForward
+
+        return read_output
+
+    handles = [encoder.get_submodule(p).register_forward_hook(reader(p)) for p in points]
     try:
         clip_core(encoder)(input_ids=input_ids.to(_device(encoder)))
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    return [captured[p] for p in points]
 
 
 @torch.no_grad()
@@ -118,15 +132,30 @@ def frozen_activations(
     return supervised_forward(encoder, ids, point).float().cpu()
 
 
-def random_targets(num: int, length: int, width: int, seed: int, coefficient: float) -> torch.Tensor:
-    """HiRM-R targets ``(num, N, d)``: ``U ~ rand`` from a CPU generator seeded with ``seed``, then ``U / ||U||_F * c``.
+def random_targets(
+    num: int,
+    length: int,
+    width: int,
+    seed: int,
+    coefficient: float | Sequence[float],
+    distribution: str = "uniform",
+) -> torch.Tensor:
+    """HiRM-R targets ``(num, N, d)``: a draw ``U`` from a CPU generator seeded with ``seed``, then ``U / ||U||_F * c``.
 
-    Each slice is normalised on its own; slice 0 equals the released code's ``torch.manual_seed(seed);
-    torch.rand(1, N, d)``, drawn here on the CPU so the target does not depend on the device.
+    Each slice is normalised on its own and scaled by its own ``c`` (one float for all, or one per slice).
+    ``distribution``: ``uniform`` (``rand``: the paper's; slice 0 equals the released code's
+    ``torch.manual_seed(seed); torch.rand(1, N, d)``, drawn here on the CPU so the target does not depend on
+    the device), ``centered`` (``rand - 0.5``) or ``gaussian`` (``randn``): the last two are zero-mean, so
+    the target points in a different direction at every position.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    u = torch.rand(num, length, width, generator=gen)
-    return torch.stack([u[k] / u[k].norm() * coefficient for k in range(num)])
+    if distribution == "gaussian":
+        u = torch.randn(num, length, width, generator=gen)
+    else:
+        u = torch.rand(num, length, width, generator=gen)
+        u = u - 0.5 if distribution == "centered" else u
+    scales = [float(coefficient)] * num if isinstance(coefficient, (int, float)) else list(coefficient)
+    return torch.stack([u[k] / u[k].norm() * scales[k] for k in range(num)])
 
 
 def nudity_vector(encoder: torch.nn.Module, tokenizer: Any, point: str, length: int) -> torch.Tensor:
@@ -150,13 +179,32 @@ def concept_targets(
     """
     if config.target == "random":
         width = clip_core(encoder).config.hidden_size
-        return random_targets(max(prompts.owners) + 1, length, width, config.seed, config.coefficient)[
-            list(prompts.owners)
-        ]
+        num = max(prompts.owners) + 1
+        scale = _coefficients(encoder, tokenizer, prompts, config, point, length, num)
+        targets = random_targets(num, length, width, config.seed, scale, config.target_distribution)
+        return targets[list(prompts.owners)]
     if prompts.anchors is not None:
         return config.coefficient * frozen_activations(encoder, tokenizer, prompts.anchors, point, length)
     reps = frozen_activations(encoder, tokenizer, prompts.texts, point, length)
     return config.coefficient * (reps - config.eta * nudity_vector(encoder, tokenizer, point, length))
+
+
+def _coefficients(
+    encoder: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Prompts,
+    config: HirmConfig,
+    point: str,
+    length: int,
+    num: int,
+) -> float | list[float]:
+    """The random targets' norms: ``c`` (absolute), or per concept ``c * ||rep(concept)||_F`` (relative), where
+    ``rep`` is the frozen activation ``(N, d)`` of the concept's first prompt (its bare name)."""
+    if config.coefficient_mode == "absolute":
+        return config.coefficient
+    first = [prompts.texts[prompts.owners.index(k)] for k in range(num)]
+    reps = frozen_activations(encoder, tokenizer, first, point, length)  # (num, N, d)
+    return [config.coefficient * float(r.norm()) for r in reps]
 
 
 def position_weights(real: torch.Tensor, mode: str) -> torch.Tensor | None:

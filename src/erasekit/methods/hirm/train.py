@@ -19,10 +19,10 @@ from erasekit.methods.hirm.config import HirmConfig
 from erasekit.methods.hirm.targets import (
     concept_prompts,
     concept_targets,
+    forward_points,
     frozen_activations,
     padded_length,
     position_weights,
-    supervised_forward,
     supervision_point,
     tokenize,
 )
@@ -83,9 +83,10 @@ class Batch:
 
     Attributes:
         input_ids: ``(B, L)`` token ids: the concept prompts, then the retain prompts.
-        targets: ``(B, L, d)`` per-prompt targets (retain rows: the frozen activations).
+        targets: ``(B, L, d)`` per-prompt targets (retain rows: the frozen activations at ``preserve_point``).
         weights: ``(B, L)`` loss weights per position, or ``None`` for a plain mean over everything.
         point: qualified name of the supervised module.
+        preserve_point: qualified name of the module the retain rows' loss reads (may be ``point``).
         num_concept: how many leading rows are concept prompts.
         preserve_weight: weight of the retain rows' loss.
     """
@@ -96,13 +97,23 @@ class Batch:
     point: str
     num_concept: int
     preserve_weight: float
+    preserve_point: str = ""
 
-    def loss(self, act: torch.Tensor) -> torch.Tensor:
-        """Misdirection MSE over the concept rows, plus the weighted preservation MSE over the retain rows."""
+    @property
+    def points(self) -> tuple[str, ...]:
+        """The modules one training forward reads: the supervision point, then the preservation point."""
+        if self.preserve_point in ("", self.point) or self.num_concept == self.input_ids.shape[0]:
+            return (self.point,)
+        return (self.point, self.preserve_point)
+
+    def loss(self, act: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """Misdirection MSE of ``act`` over the concept rows, plus the weighted preservation MSE over the retain
+        rows of ``kept`` (the activations at ``preserve_point``; ``act`` when it is the same point)."""
         n = self.num_concept
+        kept = act if kept is None else kept
         loss = _mse(act[:n], self.targets[:n], None if self.weights is None else self.weights[:n])
         if n < act.shape[0]:
-            retain = _mse(act[n:], self.targets[n:], None if self.weights is None else self.weights[n:])
+            retain = _mse(kept[n:], self.targets[n:], None if self.weights is None else self.weights[n:])
             loss = loss + self.preserve_weight * retain
         return loss
 
@@ -126,10 +137,12 @@ def build_batch(
     prompts = concept_prompts(concepts, config)
     point = supervision_point(encoder, config.supervision)
     length = padded_length(encoder, tokenizer)
-    ids, real = tokenize(tokenizer, prompts.texts + config.retain_prompts, length)
+    retain = config.retain_prompts + (("",) if config.preserve_unconditional else ())
+    ids, real = tokenize(tokenizer, prompts.texts + retain, length)
     targets = concept_targets(encoder, tokenizer, prompts, config, point, length)
-    if config.retain_prompts:
-        kept = frozen_activations(encoder, tokenizer, config.retain_prompts, point, length)
+    keep_point = supervision_point(encoder, config.preserve_at) if config.preserve_at else point
+    if retain:
+        kept = frozen_activations(encoder, tokenizer, retain, keep_point, length)
         targets = torch.cat([targets, kept])
     run = int(real.sum(1).max()) if config.loss_positions == "content" else length
     weights = position_weights(real, config.loss_positions)
@@ -141,6 +154,7 @@ def build_batch(
         point=point,
         num_concept=len(prompts.texts),
         preserve_weight=config.preserve_weight,
+        preserve_point=keep_point,
     )
 
 
@@ -171,7 +185,7 @@ def trained(
         )
         losses = []
         for _ in track(range(config.steps), desc=desc, total=config.steps):
-            loss = batch.loss(supervised_forward(encoder, batch.input_ids, batch.point))
+            loss = batch.loss(*forward_points(encoder, batch.input_ids, batch.points))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
