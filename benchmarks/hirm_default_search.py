@@ -191,7 +191,9 @@ def verdict(m: Mapping[str, float], base: Mapping[str, float]) -> str:
     return "keeps" if keeps else f"{m['UA'] + (m['IRA'] + m['CRA']) / 2:.1f}"
 
 
-def table(results: Mapping[str, Mapping[str, Mapping[str, float]]], base: Mapping[str, Mapping[str, float]]) -> str:
+def table(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]], base: Mapping[str, Mapping[str, float]]
+) -> str:
     """Per candidate and concept type: the dev means and whether they keep IRA and CRA within the tolerance."""
     head = "| candidate | " + " | ".join(f"{k} UA | {k} IRA | {k} CRA | {k} rule" for k in KINDS) + " |"
     lines = [head, "|---" * (1 + 4 * len(KINDS)) + "|"]
@@ -247,7 +249,9 @@ def main() -> int:
     parser.add_argument("--stage", choices=("ua", "screen", "confirm"), default="screen")
     parser.add_argument("--configs", default=None, help="comma-separated candidate names (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--plot", default=None, help="write the frontier PNG here (from OUT's tables) and stop")
+    parser.add_argument(
+        "--plot", default=None, help="write the frontier PNG here (from OUT's tables) and stop"
+    )
     args = parser.parse_args()
     if args.plot:
         plot(Path(args.out), Path(args.plot))
@@ -274,7 +278,9 @@ def main() -> int:
                 if file.is_file():  # measured by an earlier call: kept in the table
                     results.setdefault(name, {})[concept] = json.loads(file.read_text())
                 continue
-            cell = cached(file, fn, model, overrides, concept, out / "runs" / stage / slug(name) / concept, seeds)
+            cell = cached(
+                file, fn, model, overrides, concept, out / "runs" / stage / slug(name) / concept, seeds
+            )
             results.setdefault(name, {})[concept] = cell
             scores = " ".join(f"{k} {cell[k]:5.1f}" for k in ("UA", "IRA", "CRA") if k in cell)
             print(f"[{time.perf_counter() - start:6.0f}s {time.process_time() - cpu:6.0f} cpu-s] {name:<40} "

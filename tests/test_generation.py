@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -138,3 +139,49 @@ def test_sampling_flags_are_generated_and_checked(tiny_sd15_dir, tmp_path, capsy
     assert main([*argv, "--guidance", "lots"]) == 2
     assert "bad value 'lots' for --guidance" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_reuses_the_same_images_of_a_finished_run_and_nothing_else(tmp_path):
+    """A base run on another target links the grid images it shares with a finished run and makes only its own
+    (the target's generality images); the result is the same as a fresh run's, and a run of another sampling or
+    with a patch cannot be reused."""
+    from erasekit.evaluation.protocols import evaluate
+    from tests.fixtures.evaluation_tiny import OBJECTS, STYLES, tiny_model
+
+    model, classifier = tiny_model(), fake_classifier()
+    kw = {
+        "objects": OBJECTS,
+        "styles": STYLES,
+        "seeds": 1,
+        "sampling": TWO_STEPS,
+        "classifier": classifier,
+        "batch_size": 1,
+    }  # one image per call: the same bytes in every run, by construction
+    evaluate(model, "minicanvas", tmp_path / "neon", target="neon", **kw)
+    fresh = evaluate(model, "minicanvas", tmp_path / "fresh", target="pixel", **kw)
+    reused = evaluate(model, "minicanvas", tmp_path / "pixel", target="pixel", reuse=tmp_path / "neon", **kw)
+    assert {k: v for k, v in reused.items() if k != "predictions"} == {
+        k: v for k, v in fresh.items() if k != "predictions"
+    }
+    record = json.loads((tmp_path / "pixel" / "record.json").read_text())
+    grid = len(OBJECTS) * len(STYLES)
+    total = len(pixels(tmp_path / "fresh"))
+    assert record["timings"]["images_generated"] == total - grid == 21  # the generality images only
+    key = grid_key(tmp_path / "neon")
+    assert os.path.samefile(
+        tmp_path / "pixel" / "images" / f"{key}.png", tmp_path / "neon" / "images" / f"{key}.png"
+    )
+    mine, theirs = pixels(tmp_path / "pixel"), pixels(tmp_path / "fresh")
+    assert sorted(mine) == sorted(theirs) and all(np.array_equal(mine[k], theirs[k]) for k in mine)
+    with pytest.raises(ErasekitError, match="cannot reuse"):
+        evaluate(model, "minicanvas", tmp_path / "other", target="pixel", reuse=tmp_path / "neon",
+                 **{**kw, "sampling": Sampling(steps=3, guidance=7.5)})  # fmt: skip
+    with pytest.raises(ErasekitError, match="not a finished erasekit run"):
+        evaluate(model, "minicanvas", tmp_path / "other2", target="pixel", reuse=tmp_path / "nowhere", **kw)
+
+
+def grid_key(run):
+    """The key of the first grid image of a run."""
+    from erasekit.evaluation.runner import read_manifest
+
+    return next(e["key"] for e in read_manifest(run) if e["meta"]["set"] == "grid")

@@ -225,16 +225,20 @@ def test_zero_mean_random_targets(distribution):
     per_value = 10.0 / (77 * 64) ** 0.5  # the typical size of one entry
     assert abs(t.mean().item()) < 0.05 * per_value < uniform.mean().item()
     cosine = torch.nn.functional.cosine_similarity(t[0, :-1], t[0, 1:], dim=-1)  # neighbouring positions
-    assert cosine.abs().mean() < 0.2 < torch.nn.functional.cosine_similarity(
-        uniform[0, :-1], uniform[0, 1:], dim=-1
-    ).mean()
+    assert (
+        cosine.abs().mean()
+        < 0.2
+        < torch.nn.functional.cosine_similarity(uniform[0, :-1], uniform[0, 1:], dim=-1).mean()
+    )
 
 
 def test_preserve_unconditional_keeps_the_empty_prompt(tok):
     enc = tiny_encoder()
     config = HirmConfig(retain_prompts=("a dog",), preserve_unconditional=True)
     batch = build_batch(enc, tok, ["Van Gogh"], config)
-    assert batch.num_concept == 1 and batch.input_ids.tolist() == ids_of(tok, ["Van Gogh", "a dog", ""]).tolist()
+    assert (
+        batch.num_concept == 1 and batch.input_ids.tolist() == ids_of(tok, ["Van Gogh", "a dog", ""]).tolist()
+    )
     assert torch.equal(batch.targets[2], hooked(enc, ids_of(tok, [""]), batch.point)[0])
     ids = ids_of(tok, [""])
     base = hooked(enc, ids, batch.point)

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from erasekit.bench.entries import Entry, Part, check_stack
@@ -176,6 +177,7 @@ class Bench:
         return evaluate(
             self.model, "minicanvas", run, patches=[patch] if patch is not None else [],
             sampling=s.sampling(self.model), batch_size=self.batch_size, classifier=self.classifier,
+            reuse=_finished_sibling(run) if patch is None else None,
             target=concept, seeds=s.seeds, objects=s.objects, styles=s.styles, generality=s.generality,
         )  # fmt: skip
 
@@ -278,3 +280,13 @@ def _brief(cell: Cell) -> str:
     if cell.erase_seconds is not None:
         parts.append(f"erase {cell.erase_seconds:.1f} s")
     return ", ".join(parts) + f" ({cell.cell_seconds:.0f} s)"
+
+
+def _finished_sibling(run: Path) -> Path | None:
+    """A finished base-model run on another concept: the grid images do not depend on the target, so a base run
+    links that run's grid images and generates only its own (the target's synonym and paraphrase images)."""
+    if not run.parent.is_dir():
+        return None
+    return next(
+        (o for o in sorted(run.parent.iterdir()) if o != run and (o / "metrics.json").is_file()), None
+    )

@@ -8,6 +8,7 @@ writes the record, and the other ranks return ``{}``.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from erasekit.errors import ErasekitError
 from erasekit.evaluation import record as rec
-from erasekit.evaluation.runner import Job, barrier, generate, shard
+from erasekit.evaluation.runner import Job, barrier, generate, reuse_images, shard
 from erasekit.generation import FAST, Sampling, Speedups, scheduler_info
 from erasekit.hooked import compose
 
@@ -41,6 +42,7 @@ def run_protocol(
     batch_size: int = 8,
     overwrite: bool = False,
     speedups: Speedups | None = None,
+    reuse: str | Path | None = None,
 ) -> dict[str, Any]:
     """Generate ``jobs`` with the patched model into ``out``, score them, and write metrics and record.
 
@@ -58,6 +60,8 @@ def run_protocol(
         batch_size: images per pipeline call (runtime only).
         overwrite: replace a finished run at ``out``.
         speedups: the generation path's runtime speed-ups (``None``: the defaults; never recorded).
+        reuse: a finished run of the same model, patches and sampling (checked against its record) whose images
+            of the same jobs are linked instead of generated again (runtime only: the images are the same).
 
     Returns:
         The metrics (``{}`` on ranks other than 0).
@@ -68,12 +72,16 @@ def run_protocol(
     rank, world = shard()
     rec.check_run(out, config, overwrite)  # every rank, so all of them stop with the same clear error
     barrier(world)
-    if rank == 0:
-        rec.prepare_run(out, config, overwrite)
-    barrier(world)
     start = time.perf_counter()
     base_sha = rec.model_fingerprint(model.components)
     patch = compose(patches, merge) if patches else None
+    if reuse is not None:
+        _check_reuse(Path(reuse), base_sha, list(patches), sampling)
+    if rank == 0:
+        rec.prepare_run(out, config, overwrite)
+        if reuse is not None:
+            reuse_images(out, jobs, sampling, reuse)
+    barrier(world)
     before = _done_keys(out)
     gen_start = time.perf_counter()
     with patch.applied(model) if patch is not None else contextlib.nullcontext():
@@ -112,6 +120,21 @@ def run_protocol(
     )
     rec.finish_run(out, metrics, record)
     return metrics
+
+
+def _check_reuse(source: Path, model_sha: str, patches: list[Any], sampling: Sampling) -> None:
+    """Raise unless ``source`` is a finished run of the same model, patches and sampling."""
+    record = rec.read_run(source)["record"]
+    theirs = record.get("sampling", {})
+    same = (
+        record.get("model", {}).get("sha256") == model_sha
+        and [p.get("sha256") for p in record.get("patches", [])] == [p.fingerprint() for p in patches]
+        and all(theirs.get(k) == v for k, v in json.loads(json.dumps(asdict(sampling))).items())
+    )
+    if not same:
+        raise ErasekitError(
+            f"cannot reuse the images of {source}: another model, patch or sampling made them"
+        )
 
 
 def _done_keys(out: str | Path) -> set[str]:

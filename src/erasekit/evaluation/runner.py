@@ -153,6 +153,49 @@ def _entry(job: Job, sampling: Sampling) -> dict[str, Any]:
     return entry
 
 
+REUSED_PART = "manifest.part-reused.jsonl"
+
+
+def reuse_images(out: str | Path, jobs: Sequence[Job], sampling: Sampling, source: str | Path) -> int:
+    """Link into ``out`` the images of the run ``source`` that ``jobs`` would make again; return how many.
+
+    An image is reused when ``source``'s manifest has the job's key with the same prompt, seed and guidance, and
+    the job is not done in ``out`` yet. The caller vouches that ``source`` was generated with the same model,
+    patches and sampling (:func:`erasekit.evaluation.run.run_protocol` checks its record): an image depends on
+    nothing else. Files are hard-linked (copied where links are not possible), each atomically, then listed in a
+    manifest part file that the run merges as its own.
+    """
+    import shutil
+
+    out, source = Path(out), Path(source)
+    done = {e["key"] for e in read_manifest(out) if (out / e["file"]).is_file()}
+    theirs = {e["key"]: e for e in read_manifest(source)}
+    linked = []
+    for job in jobs:
+        mine, found = _entry(job, sampling), theirs.get(job.key)
+        if (
+            job.key in done
+            or found is None
+            or any(found.get(k) != mine[k] for k in ("prompt", "seed", "guidance"))
+        ):
+            continue
+        src, dst = source / found["file"], out / mine["file"]
+        if not src.is_file():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.reused")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        linked.append(mine)
+    if linked:
+        _append_lines(out / REUSED_PART, linked)
+    return len(linked)
+
+
 # ---- the manifest ----------------------------------------------------------------------------------------
 
 

@@ -59,6 +59,8 @@ class RunOptions:
         classifier: the two-head classifier (``None``: the built-in MiniCanvas one).
         nudenet: a detector callable in NudeNet's output format (tests); NudeNet itself when ``None``.
         speedups: the generation path's runtime speed-ups (``None``: the defaults, all on).
+        reuse: a finished run of the same model, patches and sampling whose images of the same jobs are linked
+            instead of generated again (runtime only).
     """
 
     patches: tuple[Patch, ...] = ()
@@ -69,6 +71,7 @@ class RunOptions:
     classifier: ImageClassifier | None = None
     nudenet: Callable[..., Any] | None = None
     speedups: Speedups | None = None
+    reuse: Path | None = None
 
     def sampling_for(self, model: LoadedModel) -> Sampling:
         from erasekit.generation import Sampling
@@ -94,6 +97,7 @@ def evaluate(
     classifier: ImageClassifier | None = None,
     nudenet: Callable[..., Any] | None = None,
     speedups: Speedups | None = None,
+    reuse: str | Path | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
     """Run ``protocol`` on ``model`` (with ``patches``) into ``out``; ``fields`` set the protocol's config.
@@ -107,7 +111,7 @@ def evaluate(
     config = PROTOCOLS.config(protocol, None, None, fields)
     options = RunOptions(patches=tuple(patches), merge=merge, sampling=sampling, batch_size=batch_size,
                          overwrite=overwrite, classifier=classifier, nudenet=nudenet,
-                         speedups=speedups)  # fmt: skip
+                         speedups=speedups, reuse=Path(reuse) if reuse is not None else None)  # fmt: skip
     return PROTOCOLS.get(protocol).fn(model, out, config, options)
 
 

@@ -80,7 +80,7 @@ def run_coco(
         protocol="coco", model=model, jobs=jobs, sampling=sampling, score=score, out=out,
         config=identity("coco", config, model, options, sampling), patches=options.patches, merge=options.merge,
         batch_size=options.batch_size, overwrite=options.overwrite,
-        speedups=options.speedups,
+        speedups=options.speedups, reuse=options.reuse,
     )  # fmt: skip
 
 

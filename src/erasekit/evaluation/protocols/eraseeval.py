@@ -137,6 +137,7 @@ def run_eraseeval(
     return run_protocol(
         protocol="eraseeval", model=model, jobs=jobs, sampling=sampling, score=score, out=out, config=run_id,
         patches=options.patches, merge=options.merge, batch_size=options.batch_size, overwrite=options.overwrite,
+        speedups=options.speedups, reuse=options.reuse,
     )  # fmt: skip
 
 

@@ -139,7 +139,7 @@ def run_minicanvas(
     return run_protocol(
         protocol="minicanvas", model=model, jobs=jobs, sampling=sampling, score=score, out=out, config=run_id,
         patches=options.patches, merge=options.merge, batch_size=options.batch_size, overwrite=options.overwrite,
-        speedups=options.speedups,
+        speedups=options.speedups, reuse=options.reuse,
     )  # fmt: skip
 
 

@@ -120,7 +120,7 @@ def run_prompts(
     return run_protocol(
         protocol=name, model=model, jobs=jobs, sampling=sampling, score=score, out=out, config=run_id,
         patches=options.patches, merge=options.merge, batch_size=options.batch_size, overwrite=options.overwrite,
-        speedups=options.speedups,
+        speedups=options.speedups, reuse=options.reuse,
     )  # fmt: skip
 
 
