@@ -62,6 +62,27 @@ def test_requests_with_and_without_latents_batch_apart(model):
     assert all(np.abs(a - b).max() <= 1 / 255 for a, b in zip(together, alone))
 
 
+def test_latents_of_the_wrong_shape_and_mixed_shapes_are_handled(model):
+    pipe, s = model.pipeline, Sampling(steps=2, guidance=3.0)
+    with pytest.raises(ErasekitError, match=r"latents are \[C, h, w\]"):
+        Request(seed=1, prompt=PROMPT, latents=seed_noise(pipe, 1)[None])
+    with pytest.raises(ErasekitError, match="not both"):
+        Request(seed=1, prompt=PROMPT, latents=seed_noise(pipe, 1), init=np.zeros((32, 32, 3)), strength=0.5)
+    # a repeated prompt (shared across the batch) with its own latents, batched, equals each image alone
+    reqs = [Request(seed=i, prompt=PROMPT, latents=seed_noise(pipe, 10 + i)) for i in range(3)]
+    together = render(pipe, reqs, s, batch_size=3, desc=None)
+    alone = [render(pipe, [r], s, desc=None)[0] for r in reqs]
+    assert all(np.abs(a - b).max() <= 1 / 255 for a, b in zip(together, alone))
+
+
+def test_latent_inversion_refuses_a_sampler_its_inversion_does_not_mirror(model):
+    from erasekit.attacks.latent_inversion import latent_inversion
+
+    euler = Sampling(steps=2, guidance=7.5, scheduler="EulerDiscreteScheduler")
+    with pytest.raises(ErasekitError, match="pass --scheduler DDIMScheduler"):
+        latent_inversion(target_for(model, sampling=euler), make_budget("latent-inversion"))
+
+
 # ---- DDIM inversion ---------------------------------------------------------------------------------------
 
 

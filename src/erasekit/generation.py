@@ -147,6 +147,8 @@ class Request:
             raise ErasekitError(f"an init image is [H, W, 3], not {list(np.shape(self.init))}")
         if self.init is not None and self.latents is not None:
             raise ErasekitError("a request starts from an init image or from its own latents, not both")
+        if self.latents is not None and self.latents.ndim != 3:
+            raise ErasekitError(f"a request's latents are [C, h, w], not {list(self.latents.shape)}")
 
 
 def render(
@@ -208,7 +210,7 @@ def image_pipeline(pipe: Any) -> Any:
 
 def _batches(requests: Sequence[Request], size: int) -> Iterator[list[Request]]:
     """Consecutive runs of at most ``size`` requests sharing a guidance scale, a kind (prompt or embeds, own latents
-    or not) and an edit strength (``None``: sampled from noise)."""
+    or not), an edit strength (``None``: sampled from noise) and the shape of their init images or latents."""
     batch: list[Request] = []
     for req in requests:
         if batch and (
@@ -217,6 +219,8 @@ def _batches(requests: Sequence[Request], size: int) -> Iterator[list[Request]]:
             or (req.embeds is None) != (batch[0].embeds is None)
             or req.strength != batch[0].strength
             or (req.latents is None) != (batch[0].latents is None)
+            or (req.latents is not None and req.latents.shape != batch[0].latents.shape)
+            or np.shape(req.init) != np.shape(batch[0].init)
         ):
             yield batch
             batch = []

@@ -153,6 +153,8 @@ class Candidate:
             raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
         if (self.init is None) != (self.strength is None):
             raise ValueError("an edit candidate needs both an init image and a strength")
+        if self.init is not None and self.latents is not None:
+            raise ValueError("a candidate starts from an init image or from its own latents, not both")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from erasekit.attacks import register_attack
 from erasekit.attacks.base import AttackResult, AttackTarget, Budget, Candidate
-from erasekit.generation import Request, render
+from erasekit.generation import Request, image_pipeline, render
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +65,9 @@ def base_images(target: AttackTarget, prompts: tuple[str, ...], seed: int) -> li
 def sdedit(target: AttackTarget, config: SDEditConfig) -> AttackResult:
     """SDEdit: edit base-model images with the erased model (re-edit the concept's, edit it into others)."""
     ps = target.prompts
+    image_pipeline(
+        target.model.require_pipeline()
+    )  # a family without image-to-image stops here, before any work
     cands: list[Candidate] = []
     if config.strengths:  # the attack runs with nothing applied: these are the base model's images
         shown = base_images(target, ps.positives, config.seed)

@@ -40,6 +40,7 @@ from erasekit.attacks._denoise import ddim_invert, model_latents, vae_posteriors
 from erasekit.attacks.base import AttackResult, AttackTarget, Budget, Candidate, PromptSet
 from erasekit.attacks.textual_inversion import IMAGE_SEED
 from erasekit.denoising import check_unet_family, encode_prompts
+from erasekit.errors import ErasekitError
 
 REGENERATE = ("empty", "neutral", "both")
 
@@ -64,7 +65,7 @@ class LatentInversionConfig(Budget):
 
 
 def regeneration_prompts(ps: PromptSet, regenerate: str) -> dict[str, list[str]]:
-    """``{variant: one prompt per base prompt}``: ``empty`` ("" each) and/or ``neutral`` (``ps.negatives``)."""
+    """``{tag: one prompt per base prompt}``: ``empty`` ("" each) and/or ``neutral`` (``ps.negatives``)."""
     prompts = {"empty": [""] * len(ps.positives), "neutral": list(ps.negatives)}
     return {k: v for k, v in prompts.items() if regenerate in (k, "both")}
 
@@ -89,19 +90,28 @@ def inverted_latents(
     """Invert a base-model image of the concept through the erased or the base model, and regenerate it with
     the erased model from the empty and/or the neutral prompt."""
     ps, pipe = target.prompts, check_unet_family(target.model, "latent-inversion")
+    scheduler = target.sampling.scheduler or type(pipe.scheduler).__name__
+    if (
+        scheduler != "DDIMScheduler"
+    ):  # the inverse steps mirror DDIM's; another sampler would not retrace them
+        raise ErasekitError(
+            f"latent-inversion regenerates with the DDIM schedule its inversion mirrors, but this run samples with "
+            f"{scheduler}: pass --scheduler DDIMScheduler"
+        )
     x0 = concept_latents(pipe, ps, target)
-    variants = regeneration_prompts(ps, config.regenerate)
+    prompts_by_tag = regeneration_prompts(ps, config.regenerate)
     with target.erased() if through_erased else contextlib.nullcontext():
-        starts = {v: invert(pipe, x0, prompts, target.sampling.steps) for v, prompts in variants.items()}
+        starts = {
+            v: invert(pipe, x0, prompts, target.sampling.steps) for v, prompts in prompts_by_tag.items()
+        }
     seed = (target.seeds[0],)
     cands = tuple(
         Candidate(prompt=prompts[j], group=j, latents=starts[v][j], tag=v, seeds=seed,
                   text=f"<inverted image {j}> {prompts[j]}".strip())
-        for v, prompts in variants.items() for j in range(len(prompts))
+        for v, prompts in prompts_by_tag.items() for j in range(len(prompts))
     )  # fmt: skip
-    scheduler = target.sampling.scheduler or type(pipe.scheduler).__name__
     stats = {"inverted_through": "erased" if through_erased else "base", "inversion_steps": target.sampling.steps,
-             "generation_scheduler": scheduler, "images": len(ps.positives), "prompts": list(variants),
+             "generation_scheduler": scheduler, "images": len(ps.positives), "prompts": list(prompts_by_tag),
              "latent_std": {v: float(s.std()) for v, s in starts.items()}}  # fmt: skip
     return AttackResult(candidates=cands, patch=target.patch,
                         embeddings={f"inverted_{v}": s for v, s in starts.items()}, stats=stats)  # fmt: skip

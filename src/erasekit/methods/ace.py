@@ -47,9 +47,9 @@ from torch import nn
 
 from erasekit.denoising import check_unet_family, ddim, encode_prompts, predict_noise
 from erasekit.errors import ErasekitError
-from erasekit.methods.common import check_choice, check_positive, frozen, generator
+from erasekit.methods.common import check_choice, check_positive, frozen, generator, lora_copy
 from erasekit.methods.esd import diffusion_loop
-from erasekit.methods.spm import lora_copy, transformer_layers
+from erasekit.methods.spm import transformer_layers
 from erasekit.patch import Patch
 from erasekit.registry import Strength, register
 

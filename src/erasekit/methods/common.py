@@ -144,3 +144,32 @@ def drop_unchanged(patch: Patch, model: Any) -> Patch:
         tensors={k: patch.tensors[k] for k in keep},
         fingerprints={k: patch.fingerprints[k] for k in keep},
     )
+
+
+def lora_copy(
+    unet: nn.Module, names: Sequence[str], rank: int, alpha: float, g: torch.Generator
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of ``unet`` with peft LoRA layers on ``names``: A drawn from ``g`` (kaiming-uniform, a = √5, as peft and
+    the release initialise it), B zero. peft's own init runs under a forked RNG, so torch's global one is untouched."""
+    import copy
+    import math
+
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    devices = [unet.device.index or 0] if unet.device.type == "cuda" else []
+    lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(names), lora_dropout=0.0)
+    with torch.random.fork_rng(devices=devices):
+        adapted = inject_adapter_in_model(lora, copy.deepcopy(unet))
+    layers = {n: adapted.get_submodule(n) for n in names}
+    if not all(isinstance(layer, LoraLayer) for layer in layers.values()):
+        raise ErasekitError("peft did not adapt every named layer")
+    with torch.no_grad():
+        for layer in layers.values():
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            bound = 1.0 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(a)[0])
+            a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=g))
+            b.zero_()
+            a.requires_grad_(True)
+            b.requires_grad_(True)
+    return adapted, layers

@@ -39,8 +39,6 @@ LoRA being MACE's two stages with new rows and a new loss.
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +59,7 @@ from erasekit.methods._closed_form import (
     weight_patch,
     weights64,
 )
-from erasekit.methods.common import check_positive, frozen, generator
+from erasekit.methods.common import check_positive, frozen, generator, lora_copy
 from erasekit.methods.esd import diffusion_loop
 from erasekit.methods.mace_cfr import (
     OBJECT_TEMPLATES,
@@ -243,8 +241,9 @@ def erase_realera(model: Any, concepts: list[str], config: RealEraConfig) -> Pat
         if not config.iterations:
             return stage
         with stage.applied(model):  # the LoRA trains on a copy of the closed-form UNet
+            names = [n.removesuffix(".weight") for n in stage_names(stage)]
             adapted, layers = lora_copy(
-                pipe.unet, [n.removesuffix(".weight") for n in stage_names(stage)], config
+                pipe.unet, names, config.rank, config.alpha, generator(config.seed + 1)
             )
         train_lora(pipe, adapted, layers, mined, config)
         merged = {f"{name}.weight": stage.tensors[f"unet/{name}.weight"].to(layer.weight.device)
@@ -256,28 +255,6 @@ def erase_realera(model: Any, concepts: list[str], config: RealEraConfig) -> Pat
 def stage_names(stage: Patch) -> list[str]:
     """The UNet parameter names a patch changes (``unet/x.weight`` -> ``x.weight``)."""
     return [k.split("/", 1)[1] for k in stage.tensors]
-
-
-def lora_copy(unet: nn.Module, names: list[str], config: RealEraConfig) -> tuple[nn.Module, dict[str, Any]]:
-    """A copy of ``unet`` with peft LoRA layers on ``names``: A kaiming-uniform (a = √5, peft's init) drawn from the
-    config's seed, B zero; peft's own init runs under a forked RNG, so torch's global generator is untouched."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    g = generator(config.seed + 1)
-    devices = [unet.device.index or 0] if unet.device.type == "cuda" else []
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(names), lora_dropout=0.0)
-    with torch.random.fork_rng(devices=devices):
-        adapted = inject_adapter_in_model(lora, copy.deepcopy(unet))
-    layers = {n: adapted.get_submodule(n) for n in names}
-    with torch.no_grad():
-        for layer in layers.values():
-            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-            bound = 1.0 / math.sqrt(a.shape[1])
-            a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=g))
-            b.zero_()
-            a.requires_grad_(True)
-            b.requires_grad_(True)
-    return adapted, layers
 
 
 def train_lora(

@@ -22,8 +22,6 @@ computes s(p) from each prompt's tokens and embeddings while the pipeline runs.
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -38,7 +36,7 @@ from erasekit.errors import ErasekitError
 from erasekit.hooked import AddedModule, HookedPatch, HookSpec
 from erasekit.hooks.adapters import LowRankAdapter, low_rank_config_for
 from erasekit.hooks.prompt_gate import METRICS
-from erasekit.methods.common import check_choice, check_positive, frozen, generator
+from erasekit.methods.common import check_choice, check_positive, frozen, generator, lora_copy
 from erasekit.patch import Patch
 from erasekit.progress import track
 from erasekit.registry import Strength, config_to_dict, register
@@ -245,32 +243,6 @@ def spm_loss(
         target = e_null - config.negative_guidance * (e_c - e_null)
     pred = predict_noise(adapted, x_t.expand(1 + n, -1, -1, -1), t, torch.cat([c, rows]))
     return F.mse_loss(pred[:1], target) + config.anchor_weight * F.mse_loss(pred[1:], e_anchor)
-
-
-def lora_copy(
-    unet: nn.Module, names: Sequence[str], rank: int, alpha: float, g: torch.Generator
-) -> tuple[nn.Module, dict[str, Any]]:
-    """A copy of ``unet`` with peft LoRA layers on ``names``: A drawn from ``g`` (kaiming-uniform, a = √5, as peft and
-    the release initialise it), B zero. peft's own init runs under a forked RNG, so torch's global one is untouched."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
-
-    devices = [unet.device.index or 0] if unet.device.type == "cuda" else []
-    lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(names), lora_dropout=0.0)
-    with torch.random.fork_rng(devices=devices):
-        adapted = inject_adapter_in_model(lora, copy.deepcopy(unet))
-    layers = {n: adapted.get_submodule(n) for n in names}
-    if not all(isinstance(layer, LoraLayer) for layer in layers.values()):
-        raise ErasekitError("peft did not adapt every transformer-block layer")
-    with torch.no_grad():
-        for layer in layers.values():
-            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-            bound = 1.0 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(a)[0])
-            a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=g))
-            b.zero_()
-            a.requires_grad_(True)
-            b.requires_grad_(True)
-    return adapted, layers
 
 
 def _as_adapter(target: nn.Module, layer: Any, config: SPMConfig) -> LowRankAdapter:

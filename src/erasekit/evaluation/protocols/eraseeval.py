@@ -152,9 +152,11 @@ def _base_entries(
     """The base model's images of ``jobs`` in ``out`` (called while scoring, when no patch is applied)."""
     from erasekit.evaluation import record as rec
     from erasekit.evaluation.runner import generate
+    from erasekit.generation import FAST
 
     rec.prepare_run(out, {"base_of": base_id}, options.overwrite)
-    return generate(model.require_pipeline(), jobs, out, sampling, batch_size=options.batch_size)
+    return generate(model.require_pipeline(), jobs, out, sampling, batch_size=options.batch_size,
+                    speedups=options.speedups or FAST)  # fmt: skip
 
 
 def _read(out: str | Path, entries: list[dict[str, Any]], classifier: ImageClassifier) -> dict[str, Any]:
