@@ -39,6 +39,7 @@ import torch
 
 from erasekit.bench.protocol import TOLERANCE, split_concepts
 from erasekit.io import atomic_write_json, atomic_write_text
+from erasekit.methods.hirm.config import GENERIC_RETAIN
 from erasekit.minicanvas import OBJECT_NAMES, STYLE_NAMES, concept_kind, prompt
 
 DEV = split_concepts(0).dev
@@ -47,7 +48,7 @@ KINDS = ("style", "object")
 
 # Generic prompts that name no MiniCanvas concept: they hold the shared tokens (BOS, end-of-text padding,
 # the template words) in place. None of them is a grid caption.
-GENERIC = ("an image", "a picture", "A image in style.", "style artwork", "a photo of a thing")
+GENERIC = GENERIC_RETAIN
 HOLD = {"preserve_unconditional": True, "retain_prompts": GENERIC}
 OUT = "last_hidden_state"  # the encoder output the denoiser reads
 TEMPLATES = {"style": ("in the style of {}", "{} style"), "object": ("a {}", "the {}")}
@@ -99,6 +100,12 @@ def candidates(concept: str) -> dict[str, dict[str, Any]]:
         "last rel k1 s100 lr1e-4 hold w20": rel(1, **HOLD, supervision=OUT, steps=100, lr=1e-4,
                                                  preserve_weight=20.0),
         "last rel k1 s200 lr1e-4 hold w20": rel(1, **HOLD, supervision=OUT, steps=200, lr=1e-4,
+                                                 preserve_weight=20.0),
+        "last rel k1 s100 lr2e-4 hold w20": rel(1, **HOLD, supervision=OUT, steps=100, lr=2e-4,
+                                                 preserve_weight=20.0),
+        "last rel k1.5 s100 lr1e-4 hold w20": rel(1.5, **HOLD, supervision=OUT, steps=100, lr=1e-4,
+                                                   preserve_weight=20.0),
+        "last rel k2 s100 lr1e-4 hold w20": rel(2, **HOLD, supervision=OUT, steps=100, lr=1e-4,
                                                  preserve_weight=20.0),
         "last rel k1 s100 lr1e-4 hold w20 templates": rel(1, **HOLD, supervision=OUT, steps=100, lr=1e-4,
                                                            preserve_weight=20.0, templates=TEMPLATES[kind]),

@@ -256,7 +256,29 @@ def presets(
     return {"paper": paper, "default": default}
 
 
-#: What hirm-r's ``default`` changes from ``paper``: the loss skips position 0 (BOS). On MiniCanvas it kept
-#: object UA and raised style UA (72.2 -> 75.0) and IRA/CRA slightly (docs/hirm.md, benchmarks/hirm_ablation.py).
-#: hirm-s was not measured with it, so its ``default`` stays ``paper``.
-HIRM_R_DEFAULT = {"loss_positions": "no_bos"}
+#: Prompts that name no concept: they hold the shared tokens (BOS, the end-of-text padding, common template words)
+#: at their frozen representation while the concept's moves. None of them is a MiniCanvas grid caption, and none
+#: is specific to MiniCanvas, so they carry to any CLIP encoder.
+GENERIC_RETAIN = ("an image", "a picture", "A image in style.", "style artwork", "a photo of a thing")
+
+#: What hirm-r's ``default`` changes from ``paper``, for styles and objects (nudity keeps ``paper``: not measured).
+#: Chosen on the dev concepts only (docs/hirm.md, "Choosing `default` on dev"; benchmarks/hirm_default_search.py):
+#: - the target is scale-free: a zero-mean Gaussian direction whose norm is ``coefficient`` (1) times the norm of
+#:   the concept's own frozen activation, instead of U(0, 1) scaled to norm 5000 (190 times MiniCanvas's
+#:   activation, a different multiple on every encoder);
+#: - the loss reads the encoder's output (``last_hidden_state``, what the denoiser reads) rather than the last
+#:   block's attention ``out_proj``;
+#: - the generic prompts above and the empty prompt are preserved at weight 20;
+#: - 100 steps at lr 1e-4 (the paper: 20 / 15 at 5e-5; the dev sweep of ``steps`` is the strength frontier).
+_DEFAULT_TYPED = {
+    "coefficient_mode": "relative",
+    "coefficient": 1.0,
+    "target_distribution": "gaussian",
+    "supervision": "last_hidden_state",
+    "retain_prompts": GENERIC_RETAIN,
+    "preserve_unconditional": True,
+    "preserve_weight": 20.0,
+    "steps": 100,
+    "lr": 1e-4,
+}
+HIRM_R_DEFAULT = {"style": dict(_DEFAULT_TYPED), "object": dict(_DEFAULT_TYPED)}
