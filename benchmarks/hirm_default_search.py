@@ -231,7 +231,7 @@ def plot(out: Path, png: Path) -> None:
             if not file.is_file():
                 continue
             data = json.loads(file.read_text())
-            b = type_means(data["base"], kind)
+            b = type_means({c: data["base"][c] for c in data["concepts"]}, kind)  # the stage's concepts only
             ax.scatter([(b["IRA"] + b["CRA"]) / 2], [b["UA"]], marker=marker, c="k")
             for name, cells in data["candidates"].items():
                 m = type_means(cells, kind)

@@ -156,7 +156,9 @@ class HirmConfig:
         random_only = {"coefficient_mode": "absolute", "target_distribution": "uniform"}
         changed = [k for k, v in random_only.items() if getattr(self, k) != v]
         if self.target != "random" and changed:
-            raise ValueError(f"{changed[0]} applies to random targets (hirm-r) only")
+            raise ValueError(
+                f"{changed[0]} applies to random targets (hirm-r) only; for target={self.target!r} use hirm-s"
+            )
         self._resolve("steps", PAPER_STEPS[self.concept_type])
         self._resolve("lr", PAPER_LR[self.concept_type])
         if self.target == "semantic":
