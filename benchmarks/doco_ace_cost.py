@@ -53,7 +53,9 @@ def doco_row(model: Any, concept: str, kind: str, images: int) -> dict[str, floa
             runs.append(cpu(lambda c=cut, p=params: doco.train(pipe, p, data, c, generator(1)))[0])
     d_only, update = (10 * runs[0] - runs[1]) / 99, (10 * runs[1] - runs[0]) / 99
     with PeakMemory() as mem:
-        erase(model, [concept], "doco", "paper", concept_type=kind, anchor_images=images, iterations=3, warmup=1)
+        erase(
+            model, [concept], "doco", "paper", concept_type=kind, anchor_images=images, iterations=3, warmup=1
+        )
     per_image = t_img / images
     return {"image": per_image, "d_only": d_only, "update": update, "mb": mem.extra_mb or 0.0,
             "paper": 1000 * per_image + 1001 * d_only + 999 * update}  # fmt: skip
@@ -65,19 +67,30 @@ def ace_row(model: Any, concept: str, kind: str, iters: int) -> dict[str, float]
     from erasekit.registry import erase, make_config
 
     config = make_config("ace", "paper", kind)
-    t_rel, _, _ = cpu(lambda: ace.relevance_weights(model, [concept], ace.anchor_list([concept], config), config))
+    t_rel, _, _ = cpu(
+        lambda: ace.relevance_weights(model, [concept], ace.anchor_list([concept], config), config)
+    )
     with PeakMemory() as mem:
         t_run, _, _ = cpu(
-            lambda: erase(model, [concept], "ace", "paper", concept_type=kind, iterations=iters, relevance="uniform")
+            lambda: erase(
+                model, [concept], "ace", "paper", concept_type=kind, iterations=iters, relevance="uniform"
+            )
         )
     per_it = t_run / iters
-    return {"relevance": t_rel, "iteration": per_it, "mb": mem.extra_mb or 0.0, "paper": t_rel + 1500 * per_it}
+    return {
+        "relevance": t_rel,
+        "iteration": per_it,
+        "mb": mem.extra_mb or 0.0,
+        "paper": t_rel + 1500 * per_it,
+    }
 
 
 def esd_iteration(model: Any, concept: str, kind: str, iters: int) -> float:
     from erasekit.registry import erase
 
-    return cpu(lambda: erase(model, [concept], "esd-x", "paper", concept_type=kind, iterations=iters))[0] / iters
+    return (
+        cpu(lambda: erase(model, [concept], "esd-x", "paper", concept_type=kind, iterations=iters))[0] / iters
+    )
 
 
 def main() -> None:
