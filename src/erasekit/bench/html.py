@@ -150,7 +150,7 @@ def write_protocol_html(
     if missing:
         body.append(f"<p><b>Partial:</b> {missing} cell(s) missing.</p>")
     items = [
-        *(line.removeprefix("- ") for line in protocol_lines(split)),
+        *(line.removeprefix("- ") for line in protocol_lines(split, sweep)),
         f"Operating point (tuned): {RULE}.",
     ]
     body.append("<h2>Protocol</h2><ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>")

@@ -84,7 +84,13 @@ def protocol_markdown(
     if seconds is not None:
         lines += [f"Wall time of the whole bench (sweep, test and attacks, every invocation added up): "
                   f"{seconds / 3600:.2f} h.", ""]  # fmt: skip
-    lines += ["## Protocol", "", *protocol_lines(split), f"- **Operating point** (`tuned`): {RULE}.", ""]
+    lines += [
+        "## Protocol",
+        "",
+        *protocol_lines(split, sweep),
+        f"- **Operating point** (`tuned`): {RULE}.",
+        "",
+    ]
     lines += kind_sections(test, "##", "Test ")
     if tuned:
         lines += ["## Tuned settings (chosen on dev)", ""]
@@ -94,13 +100,15 @@ def protocol_markdown(
     return "\n".join(lines + reproduce(test.command))
 
 
-def protocol_lines(split: Any) -> list[str]:
-    """The split and the sweep grids, as list items."""
+def protocol_lines(split: Any, sweep: Board) -> list[str]:
+    """The split and the grids of the methods swept in ``sweep``, as list items."""
+    from erasekit.bench.entries import BASE
     from erasekit.registry import METHODS
 
     lines = [f"- **Split** (seed {split.seed}, erasekit.bench.protocol.split_concepts): dev "
              f"{', '.join(split.dev)}; test {', '.join(split.test)}. Hyper-parameters are chosen on dev only."]  # fmt: skip
-    knobs = [(n, METHODS.get(n).strength) for n in METHODS.names()]
+    swept = sorted({label.split(":")[0] for label in sweep.labels if label != BASE})
+    knobs = [(n, METHODS.get(n).strength) for n in swept if n in METHODS.names()]
     lines.append("- **Strength knobs** (swept on dev from the named preset): "
                  + "; ".join(f"{n}: `{k.field}` in {list(k.grid)} from `{k.preset}`" for n, k in knobs if k) + ".")  # fmt: skip
     return lines
