@@ -65,9 +65,8 @@ def base_images(target: AttackTarget, prompts: tuple[str, ...], seed: int) -> li
 def sdedit(target: AttackTarget, config: SDEditConfig) -> AttackResult:
     """SDEdit: edit base-model images with the erased model (re-edit the concept's, edit it into others)."""
     ps = target.prompts
-    image_pipeline(
-        target.model.require_pipeline()
-    )  # a family without image-to-image stops here, before any work
+    # a family without an image-to-image pipeline stops here, before any work
+    image_pipeline(target.model.require_pipeline())
     cands: list[Candidate] = []
     if config.strengths:  # the attack runs with nothing applied: these are the base model's images
         shown = base_images(target, ps.positives, config.seed)

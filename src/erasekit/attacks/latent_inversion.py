@@ -91,9 +91,8 @@ def inverted_latents(
     the erased model from the empty and/or the neutral prompt."""
     ps, pipe = target.prompts, check_unet_family(target.model, "latent-inversion")
     scheduler = target.sampling.scheduler or type(pipe.scheduler).__name__
-    if (
-        scheduler != "DDIMScheduler"
-    ):  # the inverse steps mirror DDIM's; another sampler would not retrace them
+    # the inverse steps mirror DDIM's; another sampler would not retrace them
+    if scheduler != "DDIMScheduler":
         raise ErasekitError(
             f"latent-inversion regenerates with the DDIM schedule its inversion mirrors, but this run samples with "
             f"{scheduler}: pass --scheduler DDIMScheduler"
