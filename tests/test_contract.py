@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import erasekit
+from erasekit.hooked import HookedPatch, load_erasure
 from erasekit.patch import Patch
 from erasekit.registry import config_from_dict, config_to_dict, list_methods
 
@@ -58,6 +59,8 @@ QUICK: dict[str, tuple[dict, str]] = {
         {"iterations": 2, "ddim_steps": 3, "warmup": 0, "facilitated_transport": False},
         r"unet/.*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn1|attn2|ff)\.).*weight$",
     ),
+    # hooked artifacts: the pattern is what their added modules attach to
+    "receler": ({**DIFFUSION, "adv_iterations": 2}, r"unet/.*\.attn2$"),
     "realera": (
         {**DIFFUSION, "neighbours": 2, "beyond": 2, "templates": ("a photo of {}", "{} in a snapshot")},
         UNET_KV,
@@ -116,9 +119,41 @@ def results(model):
     return get
 
 
+def unet_out(model) -> torch.Tensor:
+    from erasekit.denoising import encode_prompts
+
+    pipe = model.pipeline
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return pipe.unet(x, 500, encoder_hidden_states=encode_prompts(pipe, ["a fish", "a dog"])).sample
+
+
+def hooked_contract(method, model, before, art, again, tmp_path) -> None:
+    """What a hooked artifact owes: intended attach points, determinism, JSON config, exact save/load/apply/remove."""
+    pattern = re.compile(QUICK[method][1])
+    assert art.modules or art.hooks
+    for m in art.modules:
+        assert pattern.match(m.attach), f"{method} attached to an unintended module {m.attach}"
+    assert again.fingerprint() == art.fingerprint()
+    cfg = config_from_dict(method, json.loads(json.dumps(art.config)))
+    assert config_to_dict(cfg) == art.config and art.erase_seconds is not None
+    loaded = load_erasure(art.save(tmp_path / "h"))
+    assert isinstance(loaded, HookedPatch) and loaded.fingerprint() == art.fingerprint()
+    out_before = unet_out(model)
+    with loaded.applied(model):
+        during = unet_out(model)
+    assert not torch.allclose(during, out_before), "the artifact changes nothing"
+    assert torch.equal(unet_out(model), out_before)
+    restored = state(model)
+    assert all(torch.equal(before[k], restored[k]) for k in before)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_contract(method, model, results, tmp_path):
     before, patch, after, again = results(method)
+    if isinstance(patch, HookedPatch):
+        assert all(torch.equal(before[k], after[k]) for k in before), "erase() modified the model"
+        return hooked_contract(method, model, before, patch, again, tmp_path)
     # erasing leaves the loaded model as it was
     assert all(torch.equal(before[k], after[k]) for k in before), "erase() modified the model"
     # only the intended tensors change, and the patch holds only tensors that changed

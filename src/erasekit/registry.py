@@ -269,6 +269,7 @@ METHOD_MODULES = (
     "erasekit.methods.ace",
     "erasekit.methods.realera",
     "erasekit.methods.co_erasing",
+    "erasekit.methods.receler",
 )
 METHODS: Registry[Spec] = Registry("method", METHOD_MODULES)
 register = METHODS.register

@@ -4,9 +4,10 @@ An artifact names a type or a kind and gives its config as JSON; the code that r
 anything read from a file. Two registries, filled by the modules of this package:
 
 - **Module types** (:data:`MODULE_TYPES`): ``low_rank_adapter`` (:mod:`.adapters`), a LoRA pair
-  ``up(down(x)) · scale`` for one ``nn.Linear`` or ``nn.Conv2d``. An added module is attached as a *residual*: a
-  forward hook on the module it attaches to adds ``gate · module(x)`` to that module's output (the gate is 1
-  unless a hook scales it).
+  ``up(down(x)) · scale`` for one ``nn.Linear`` or ``nn.Conv2d``; ``adapter_eraser`` (:mod:`.adapters`), Receler's
+  ``up(GELU(down(y)))`` on an attention's output. An added module is attached as a *residual*: a forward hook on
+  the module it attaches to adds ``gate · module(x)`` (or ``gate · module(y)``, ``y`` the module's output, as the
+  type's ``reads`` says) to that module's output (the gate is 1 unless a hook scales it).
 - **Hook kinds** (:data:`HOOK_KINDS`): ``prompt_gate`` (:mod:`.prompt_gate`), SPM's Facilitated Transport: a
   per-prompt scale of the artifact's adapters from the prompt's similarity to the erased prompts, computed while
   the pipeline runs.
@@ -61,6 +62,8 @@ class ModuleType:
         build: ``build(config) -> nn.Module`` (weights are loaded into it afterwards, strictly).
         misfit: ``misfit(config, target) -> reason`` why the module cannot attach to ``target``, or ``None``.
         summary: one line.
+        reads: what the module is fed: ``"input"``, the target's first argument (a LoRA pair), or ``"output"``,
+            the target's output (Receler's eraser after attn2, ItD's autoencoder on an encoder layer).
     """
 
     name: str
@@ -68,6 +71,11 @@ class ModuleType:
     build: Callable[[Any], nn.Module]
     misfit: Callable[[Any, nn.Module], str | None]
     summary: str = ""
+    reads: str = "input"
+
+    def __post_init__(self) -> None:
+        if self.reads not in ("input", "output"):
+            raise ValueError(f"reads must be 'input' or 'output', got {self.reads!r}")
 
 
 MODULE_TYPES: dict[str, ModuleType] = {}
@@ -261,13 +269,17 @@ def resolve_point(components: Any, point: str) -> nn.Module:
 
 
 def attach_residual(components: Any, module: AddedModule, gate: Gate) -> Any:
-    """Register ``target(x) + gate · module(x)`` on the attach point; returns the removable handle."""
+    """Register ``y + gate · module(x)`` on the attach point (``y = target(x)``; the module reads ``x`` or ``y``, as
+    its type says); returns the removable handle."""
     target = resolve_point(components, module.attach)
     ref = next(iter(target.parameters()))
     built = module.build(ref.device, ref.dtype)
+    reads_output = module_type(module.type).reads == "output"
 
     def residual(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out + gate.scale_for(out) * built(args[0])
+        if not isinstance(out, torch.Tensor):
+            raise ErasekitError(f"module {module.name}: {module.attach} does not return one tensor")
+        return out + gate.scale_for(out) * built(out if reads_output else args[0])
 
     return target.register_forward_hook(residual)
 

@@ -95,3 +95,51 @@ def _low_rank_misfit(config: LowRankConfig, target: nn.Module) -> str | None:
 
 register_module_type(ModuleType("low_rank_adapter", LowRankConfig, LowRankAdapter, _low_rank_misfit,
                                 "a LoRA pair added to one Linear or Conv2d's output"))  # fmt: skip
+
+
+# ---- Receler's eraser ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class EraserConfig:
+    """Receler's eraser on one cross-attention: ``dim -> rank -> dim`` with a GELU between."""
+
+    dim: int = field(metadata={"help": "the attention's output width"})
+    rank: int = field(metadata={"help": "the eraser's hidden width"})
+
+    def __post_init__(self) -> None:
+        if min(self.dim, self.rank) < 1:
+            raise ValueError("dim and rank must be >= 1")
+
+
+class AdapterEraser(nn.Module):
+    """``up(GELU(down(y)))``, fed the attention's output ``y`` ``[B, HW, dim]``; the result is added to ``y``."""
+
+    def __init__(self, config: EraserConfig) -> None:
+        super().__init__()
+        self.down = nn.Linear(config.dim, config.rank)
+        self.up = nn.Linear(config.rank, config.dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.up(nn.functional.gelu(self.down(y)))
+
+
+def attention_width(target: nn.Module) -> int | None:
+    """The output width of a diffusers ``Attention`` (``to_out[0]``), or ``None`` for anything else."""
+    from diffusers.models.attention_processor import Attention
+
+    if not isinstance(target, Attention) or not isinstance(target.to_out[0], nn.Linear):
+        return None
+    return target.to_out[0].out_features
+
+
+def _eraser_misfit(config: EraserConfig, target: nn.Module) -> str | None:
+    width = attention_width(target)
+    if width is None:
+        return f"an eraser attaches to a diffusers Attention, not {type(target).__name__}"
+    return None if width == config.dim else f"the attention is {width} wide, the eraser {config.dim}"
+
+
+register_module_type(ModuleType("adapter_eraser", EraserConfig, AdapterEraser, _eraser_misfit,
+                                "Receler's eraser: Linear, GELU, Linear on an attention's output",
+                                reads="output"))  # fmt: skip
