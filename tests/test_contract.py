@@ -61,6 +61,20 @@ QUICK: dict[str, tuple[dict, str]] = {
     ),
     # hooked artifacts: the pattern is what their added modules attach to
     "receler": ({**DIFFUSION, "adv_iterations": 2}, r"unet/.*\.attn2$"),
+    "unguide": ({**DIFFUSION, "repeats": 2, "probe_stop": 2, "lr": 1e-2}, r"unet/.*\.attn2\.to_[kv]$"),
+    "itd": (
+        {
+            "captions": ("a fish in ink style", "a dog in oil style", "a cat"),
+            "retain": ("dog",),
+            "epochs": 2,
+            "batch_prompts": 2,
+            "warmup": 1,
+            "lr": 1e-3,
+            "threshold_stat": "mean",
+            "threshold_scale": -8.0,
+        },
+        r"text_encoder/encoder\.layers\.2$",
+    ),
     "realera": (
         {**DIFFUSION, "neighbours": 2, "beyond": 2, "templates": ("a photo of {}", "{} in a snapshot")},
         UNET_KV,
@@ -125,7 +139,9 @@ def unet_out(model) -> torch.Tensor:
     pipe = model.pipeline
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return pipe.unet(x, 500, encoder_hidden_states=encode_prompts(pipe, ["a fish", "a dog"])).sample
+        return pipe.unet(
+            x, 500, encoder_hidden_states=encode_prompts(pipe, ["A fish image.", "a dog"])
+        ).sample
 
 
 def hooked_contract(method, model, before, art, again, tmp_path) -> None:

@@ -270,6 +270,8 @@ METHOD_MODULES = (
     "erasekit.methods.realera",
     "erasekit.methods.co_erasing",
     "erasekit.methods.receler",
+    "erasekit.methods.itd",
+    "erasekit.methods.unguide",
 )
 METHODS: Registry[Spec] = Registry("method", METHOD_MODULES)
 register = METHODS.register

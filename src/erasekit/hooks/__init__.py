@@ -7,10 +7,13 @@ anything read from a file. Two registries, filled by the modules of this package
   ``up(down(x)) · scale`` for one ``nn.Linear`` or ``nn.Conv2d``; ``adapter_eraser`` (:mod:`.adapters`), Receler's
   ``up(GELU(down(y)))`` on an attention's output. An added module is attached as a *residual*: a forward hook on
   the module it attaches to adds ``gate · module(x)`` (or ``gate · module(y)``, ``y`` the module's output, as the
-  type's ``reads`` says) to that module's output (the gate is 1 unless a hook scales it).
+  type's ``reads`` says) to that module's output (the gate is 1 unless a hook scales it); ``topk_sae``
+  (:mod:`.sae`), ItD's sparse autoencoder on a text-encoder layer, which returns the shift that deactivates its
+  features for the prompts its own gate lets through.
 - **Hook kinds** (:data:`HOOK_KINDS`): ``prompt_gate`` (:mod:`.prompt_gate`), SPM's Facilitated Transport: a
   per-prompt scale of the artifact's adapters from the prompt's similarity to the erased prompts, computed while
-  the pipeline runs.
+  the pipeline runs; ``guidance_mix`` (:mod:`.guidance_mix`), UnGuide's per-prompt mix of the UNet's predictions
+  with its gated adapters on and off.
 
 A hook kind says where it registers hooks (``attach_points``) and whether it changes what it attaches to
 (``modifies``): two artifacts whose hooks both modify one module cannot be composed. :class:`AddedModule` and
@@ -285,4 +288,4 @@ def attach_residual(components: Any, module: AddedModule, gate: Gate) -> Any:
 
 
 # The built-in types and kinds register themselves; imported last, since they use the names above.
-from erasekit.hooks import adapters, prompt_gate  # noqa: E402, F401
+from erasekit.hooks import adapters, guidance_mix, prompt_gate, sae  # noqa: E402, F401
