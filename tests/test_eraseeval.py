@@ -250,3 +250,13 @@ def test_cli_errors_are_one_line(assets, tmp_path, capsys, extra, message):
     assert _eval(assets, tmp_path / "run", *extra) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_target_without_related_prompts_or_other_cells_is_a_one_line_error():
+    from erasekit.evaluation.protocols.eraseeval import eraseeval_jobs
+
+    with pytest.raises(ErasekitError, match="synonyms"):
+        eraseeval_jobs("zebra", "object", ["zebra", "cup"], ["neon"], [0], [0])
+    with pytest.raises(ErasekitError, match="other objects and styles"):
+        eraseeval_jobs("fish", "object", ["fish"], ["neon"], [0], [0])
+    assert eraseeval_jobs("fish", "object", ["fish", "cup"], ["neon"], [0], [0])

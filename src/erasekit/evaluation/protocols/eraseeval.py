@@ -82,21 +82,36 @@ def eraseeval_jobs(
     grid_seeds: Sequence[int],
 ) -> list[Job]:  # fmt: skip
     """The target prompts (``set`` target), the synonym prompts (related) and the other cells (retain)."""
-    from erasekit.minicanvas.world import concept_info
-
     others = styles if kind == "object" else objects
+    related = _synonyms(target)
+    cells = [(o, s) for o in objects for s in styles if target not in (o, s)]
+    if not related:
+        raise ErasekitError(
+            f"eraseeval's M2 needs related prompts (the target's synonyms); {target!r} has none"
+        )
+    if not cells or not others:
+        raise ErasekitError("eraseeval needs other objects and styles in the grid (M1, M3 and M4 use them)")
     jobs = []
-    for n, name in enumerate((target, *concept_info(target).synonyms)):
+    for n, name in enumerate((target, *related)):
         group = "target" if n == 0 else "related"
         for other in others:
             o, s = (target, other) if kind == "object" else (other, target)
             text = TEMPLATE.format(**{"object": o, "style": s, kind: name})
             meta = {"set": group, "variant": name, "object": o, "style": s}
             jobs += [Job(f"{group}{n}_{slug(other)}_s{seed}", text, seed, None, meta) for seed in seeds]
-    cells = [(o, s) for o in objects for s in styles if target not in (o, s)]
     jobs += [Job(f"retain_{slug(o)}_{slug(s)}_s{seed}", TEMPLATE.format(object=o, style=s), seed, None,
                  {"set": "retain", "object": o, "style": s}) for o, s in cells for seed in grid_seeds]  # fmt: skip
     return jobs
+
+
+def _synonyms(target: str) -> tuple[str, ...]:
+    """The MiniCanvas synonyms of ``target``, or ``()`` for a concept outside the world."""
+    from erasekit.minicanvas.world import concept_info
+
+    try:
+        return tuple(concept_info(target).synonyms)
+    except ErasekitError:
+        return ()
 
 
 @register_protocol("eraseeval", EraseEvalProtocol, "EraseEval M1-M4 and its combined score, on MiniCanvas")
