@@ -21,27 +21,14 @@ from erasekit.errors import ErasekitError
 from erasekit.methods import ace, doco
 from erasekit.patch import Patch
 from erasekit.registry import make_config
+from tests.fixtures.evaluation_tiny import encode, one_thread  # noqa: F401
 
 progress.set_enabled(False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def model(tiny_sd15_dir):
     return erasekit.load(tiny_sd15_dir)
-
-
-def encode(pipe, texts: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        return pipe.text_encoder(ids.input_ids)[0]
 
 
 def kv_names(unet) -> list[str]:

@@ -16,28 +16,15 @@ from erasekit.methods.all_but_one import AllButOneConfig, all_but_one_loss, alte
 from erasekit.methods.common import trainable_copies
 from erasekit.methods.crce import CRCEConfig, erase_and_retain, retain_loss
 from erasekit.methods.esd import parameter_names
+from tests.fixtures.evaluation_tiny import encode, one_thread  # noqa: F401
 
 progress.set_enabled(False)
 TRAIN = {"iterations": 12, "ddim_steps": 3, "lr": 2e-3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_sd15_dir):
     return erasekit.load(tiny_sd15_dir)
-
-
-def encode(pipe, texts: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        return pipe.text_encoder(ids.input_ids)[0]
 
 
 def fixed_sample(model, n: int = 1) -> tuple[torch.Tensor, int]:

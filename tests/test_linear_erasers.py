@@ -18,16 +18,9 @@ from erasekit.methods.leace import LEACEConfig, fit_leace
 from erasekit.methods.rlace import RLACEConfig, fantope_projection, logistic_fit, solve_game
 from erasekit.minicanvas import world
 from erasekit.registry import make_config
+from tests.fixtures.evaluation_tiny import encode, one_thread  # noqa: F401
 
 progress.set_enabled(False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +28,14 @@ def model(tiny_sd15_dir):
     return erasekit.load(tiny_sd15_dir)
 
 
-def encode(pipe, texts: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        return pipe.text_encoder(ids.input_ids)[0].double()
-
-
 def test_rows_run_from_the_concept_token_to_the_end(model):
     pipe = model.pipeline
     cfg = LEACEConfig(contrast=("cup",), templates=("a picture of a {} at night", "{}"))
     rows = labelled_rows(pipe, ["fish"], cfg, "leace")
     # plain: "a picture of a" is 4 tokens after BOS, so the concept starts at row 5; "{}" starts at row 1
-    seq = encode(pipe, ["a picture of a fish at night", "fish", "a picture of a cup at night", "cup"])
+    seq = encode(
+        pipe, ["a picture of a fish at night", "fish", "a picture of a cup at night", "cup"]
+    ).double()
     expected = torch.cat([seq[0, 5:], seq[1, 1:], seq[2, 5:], seq[3, 1:]])
     assert torch.allclose(rows.x, expected, atol=1e-6)
     assert rows.z[:, 0].tolist() == [1.0] * (72 + 76) + [0.0] * (72 + 76)
@@ -109,7 +98,7 @@ def test_the_fold_equals_erasing_every_conditioning_row(model, method, config):
             solve_game(rows.x, rows.z.amax(1), cfg)[0],
             torch.zeros(rows.x.shape[1], dtype=torch.float64),
         )
-    cond = encode(pipe, ["a tree in the rain", "", "fish"])
+    cond = encode(pipe, ["a tree in the rain", "", "fish"]).double()
     erased = (cond - (cond - mean) @ q.T).float()
     expected = unet_outputs(model, erased)
     patch = erasekit.erase(model, ["fish"], method, concept_type="object", **config)

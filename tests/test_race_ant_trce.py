@@ -20,16 +20,9 @@ from erasekit import progress
 from erasekit.errors import ErasekitError
 from erasekit.minicanvas import world
 from erasekit.registry import make_config
+from tests.fixtures.evaluation_tiny import encode, one_thread  # noqa: F401
 
 progress.set_enabled(False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +31,6 @@ def model(tiny_sd15_dir):
 
 
 # ---- plain building blocks ---------------------------------------------------------------------------
-
-
-def encode(pipe, texts: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        return pipe.text_encoder(ids.input_ids)[0]
 
 
 def eps(pipe, x, t, cond, weights=None):
