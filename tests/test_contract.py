@@ -61,6 +61,7 @@ QUICK: dict[str, tuple[dict, str]] = {
     ),
     # hooked artifacts: the pattern is what their added modules attach to
     "receler": ({**DIFFUSION, "adv_iterations": 2}, r"unet/.*\.attn2$"),
+    "irece": ({"until_t": 0}, r"$^"),  # a hook only: no added module
     "unguide": ({**DIFFUSION, "repeats": 2, "probe_stop": 2, "lr": 1e-2}, r"unet/.*\.attn2\.to_[kv]$"),
     "itd": (
         {

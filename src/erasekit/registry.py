@@ -272,6 +272,7 @@ METHOD_MODULES = (
     "erasekit.methods.receler",
     "erasekit.methods.itd",
     "erasekit.methods.unguide",
+    "erasekit.methods.irece",
 )
 METHODS: Registry[Spec] = Registry("method", METHOD_MODULES)
 register = METHODS.register

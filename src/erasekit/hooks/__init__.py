@@ -288,4 +288,4 @@ def attach_residual(components: Any, module: AddedModule, gate: Gate) -> Any:
 
 
 # The built-in types and kinds register themselves; imported last, since they use the names above.
-from erasekit.hooks import adapters, guidance_mix, prompt_gate, sae  # noqa: E402, F401
+from erasekit.hooks import adapters, concept_perturb, guidance_mix, prompt_gate, sae  # noqa: E402, F401
