@@ -150,8 +150,9 @@ def diffusion_loop(
         sample_trained: sample x_t with ``params`` (the model being trained, as the older ESD script and the
             RACE and ANT releases do) instead of the frozen model.
         give_noise: also pass the start noise x_T ``[1, C, h, w]`` to ``loss_fn`` (RACE's attack target).
-        unet: the frozen UNet that samples x_t (``None``: the pipeline's own; ESD's ``bf16`` passes a bfloat16
-            copy). ``conds`` must be in its dtype.
+        unet: the UNet that samples x_t (``None``: the pipeline's own; ESD's ``bf16`` passes a bfloat16 copy;
+            ACE and UnGuide pass their peft LoRA copy, so x_t comes from the model being trained). Sampling runs
+            without gradients. ``conds`` must be in its dtype.
 
     Returns:
         The loss of every iteration.
