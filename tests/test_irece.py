@@ -87,3 +87,27 @@ def test_bad_configs_are_one_line_errors():
     for bad in ({"threshold": 1.0}, {"strength": -1.0}, {"until_t": -5}):
         with pytest.raises(ErasekitError):
             make_config("irece", **bad)
+
+
+def test_stacked_on_a_text_encoder_edit_it_localises_with_the_base_encoder(model):
+    from erasekit.hooked import compose
+    from erasekit.patch import Patch
+
+    pipe = model.pipeline
+    te = model.components["text_encoder"]
+    name = "encoder.layers.0.mlp.fc1.weight"
+    edit = Patch.from_tensors(model, "text_encoder", {name: torch.zeros_like(te.get_parameter(name))})
+    art = erasekit.erase(model, ["fish"], "irece", concept_type="object", until_t=0, threshold=0.3)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    cond = encode(pipe, ["a fish", "a dog"])  # the UNet sees the same conditioning in both runs
+    with torch.no_grad():
+        with art.applied(model):
+            alone = pipe.unet(x, 600, encoder_hidden_states=cond).sample
+        with compose([edit, art]).applied(model):
+            stacked = pipe.unet(x, 600, encoder_hidden_states=cond).sample
+        base_fish = encode(pipe, ["fish"])
+        with edit.applied(model):
+            assert not torch.allclose(
+                encode(pipe, ["fish"]), base_fish
+            )  # the edit changes the concept's embedding
+    assert torch.equal(alone, stacked)

@@ -158,12 +158,16 @@ class HookedPatch:
         gates = {h.name: Gate() for h in self.hooks}
         gate_of = {name: gates[h.name] for h in self.hooks for name in h.gates}
         handle = HookedHandle()
+        first = [h for h in self.hooks if hook_kind(h.kind).before_edits]
         try:
+            for h in first:  # they read the base model at install
+                handle.hooks += hook_kind(h.kind).install(components, h.parsed(), gates[h.name])
             handle.patch = self.patch.apply_(model, check=False) if self.patch is not None else None
             for m in self.modules:
                 handle.hooks.append(attach_residual(components, m, gate_of.get(m.name, Gate())))
             for h in self.hooks:
-                handle.hooks += hook_kind(h.kind).install(components, h.parsed(), gates[h.name])
+                if h not in first:
+                    handle.hooks += hook_kind(h.kind).install(components, h.parsed(), gates[h.name])
         except BaseException:
             handle.remove()
             raise

@@ -116,6 +116,9 @@ class HookKind:
         modifies: whether it changes the computation of what it attaches to (not only reads it and sets its gate);
             two hooks that modify one attach point cannot be composed.
         summary: one line.
+        before_edits: install it before the artifact's tensors are written and its modules attached, so what it
+            reads at install (a prompt's embedding) is the base model's, not the composite's (IRECE's un-erased
+            backbone); ``False``: after them (SPM's gate measures prompts with the patched encoder).
     """
 
     name: str
@@ -124,6 +127,7 @@ class HookKind:
     install: Callable[[Mapping[str, Any], Any, Gate], list[Any]]
     modifies: bool
     summary: str = ""
+    before_edits: bool = False
 
 
 HOOK_KINDS: dict[str, HookKind] = {}

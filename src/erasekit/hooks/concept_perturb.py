@@ -10,7 +10,10 @@ At each UNet call whose timestep is at least ``until_t`` (M-ErasureBench's IRECE
    seed, the timestep and the image's own latents (so an image's noise does not depend on its batch); both halves
    of a guidance batch get the same x̃.
 
-The localisation runs on the model the artifact is applied to (alone: the un-erased backbone, as the paper's).
+The erased prompts are encoded when the hook is installed, before a composite's tensors and modules are applied
+(``before_edits``), so they are the base text encoder's embeddings even when IRECE is stacked on a text-encoder
+erasure; the localisation pass runs on the UNet as it is while sampling (stacked on a UNet erasure: the erased
+UNet, where the paper localises with the un-erased backbone).
 """
 
 from __future__ import annotations
@@ -149,4 +152,5 @@ def _install(components: Mapping[str, Any], config: ConceptPerturbConfig, gate: 
 
 
 register_hook_kind(HookKind("concept_perturb", ConceptPerturbConfig, _attach_points, _install, modifies=True,
-                            summary="IRECE: perturb the latents where the base model attends to the concept"))  # fmt: skip
+                            summary="IRECE: perturb the latents where the base model attends to the concept",
+                            before_edits=True))  # fmt: skip
