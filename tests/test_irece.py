@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import erasekit
 from erasekit.hooks.attention_maps import attention_probs
-from erasekit.hooks.concept_perturb import row_noise
+from erasekit.hooks.concept_perturb import step_noise
 from tests.fixtures.evaluation_tiny import encode, one_thread  # noqa: F401
 
 
@@ -53,7 +53,7 @@ def test_the_perturbed_call_against_plain_code(model):
     cond = encode(pipe, ["a fish", "a dog"])
     mask = plain_mask(model, x, 500, "fish", 0.3)
     assert 0 < float(mask.mean()) < 1
-    noise = torch.stack([row_noise(r, 500, 0) for r in x])
+    noise = step_noise((4, 8, 8), 500, 0)  # the same for every image
     x_tilde = x + 2.0 * x.flatten(1).std(dim=1).view(-1, 1, 1, 1) * mask * noise
     with torch.no_grad():
         want = pipe.unet(x_tilde, 500, encoder_hidden_states=cond).sample
@@ -73,11 +73,18 @@ def test_the_perturbed_call_against_plain_code(model):
     assert torch.allclose(cfg, cfg_want, atol=1e-5)
 
 
-def test_an_images_noise_does_not_depend_on_its_batch():
+def test_an_images_perturbation_does_not_depend_on_its_batch(model):
+    pipe = model.pipeline
+    art = erasekit.erase(model, ["fish"], "irece", concept_type="object", until_t=0, threshold=0.3)
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(row_noise(x[1], 700, 3), row_noise(x[1].clone(), 700, 3))
-    assert not torch.equal(row_noise(x[1], 700, 3), row_noise(x[1], 680, 3))
-    assert not torch.equal(row_noise(x[1], 700, 3), row_noise(x[2], 700, 3))
+    cond = encode(pipe, ["a fish", "a dog", "a cup"])
+    with torch.no_grad(), art.applied(model):
+        batch = pipe.unet(x, 700, encoder_hidden_states=cond).sample
+        one = pipe.unet(x[1:2], 700, encoder_hidden_states=cond[1:2]).sample
+        per_row_t = pipe.unet(x, torch.tensor([700, 700, 700]), encoder_hidden_states=cond).sample
+    assert torch.allclose(batch[1:2], one, atol=1e-4) and torch.allclose(per_row_t, batch, atol=1e-5)
+    assert torch.equal(step_noise((4, 8, 8), 700, 3), step_noise((4, 8, 8), 700, 3))
+    assert not torch.equal(step_noise((4, 8, 8), 700, 3), step_noise((4, 8, 8), 680, 3))
 
 
 def test_bad_configs_are_one_line_errors():

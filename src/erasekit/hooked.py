@@ -11,7 +11,8 @@ Some erasers live at inference time (SPM's Facilitated Transport scales its adap
 
 On disk it is a directory like a patch's (``erasure_config.json`` with ``"kind": "hooked"``, ``patch.safetensors``,
 ``modules.safetensors``); the layout is in docs/architecture.md, "The hooked artifact". Applying checks every
-fingerprint, writes the inner patch, then registers the modules and hooks with torch's removable handles; the
+fingerprint, installs the hooks whose kind reads the base model (``before_edits``), writes the inner patch, then
+registers the modules and the other hooks with torch's removable handles; the
 handle's ``remove()`` takes them all off and restores the tensors, so outputs after removal are bitwise those from
 before. :func:`load_erasure` reads either kind; :func:`compose` combines any mix of the two.
 """
@@ -147,7 +148,8 @@ class HookedPatch:
                 resolve_point(components, point)
 
     def apply_(self, model: Any, check: bool = True) -> HookedHandle:
-        """Write the tensors, then attach the modules and hooks, to ``model`` (a pipeline or LoadedModel).
+        """Install the ``before_edits`` hooks, write the tensors, then attach the modules and the other hooks, to
+        ``model`` (a pipeline or LoadedModel).
 
         Apply it after the pipeline is on its device: the modules are built on the device and in the dtype of
         the modules they attach to. Returns a handle whose ``remove()`` undoes everything exactly.

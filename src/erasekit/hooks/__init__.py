@@ -13,7 +13,8 @@ anything read from a file. Two registries, filled by the modules of this package
 - **Hook kinds** (:data:`HOOK_KINDS`): ``prompt_gate`` (:mod:`.prompt_gate`), SPM's Facilitated Transport: a
   per-prompt scale of the artifact's adapters from the prompt's similarity to the erased prompts, computed while
   the pipeline runs; ``guidance_mix`` (:mod:`.guidance_mix`), UnGuide's per-prompt mix of the UNet's predictions
-  with its gated adapters on and off.
+  with its gated adapters on and off; ``concept_perturb`` (:mod:`.concept_perturb`), IRECE's perturbation of
+  the latents where cross-attention finds the concept.
 
 A hook kind says where it registers hooks (``attach_points``) and whether it changes what it attaches to
 (``modifies``): two artifacts whose hooks both modify one module cannot be composed. :class:`AddedModule` and

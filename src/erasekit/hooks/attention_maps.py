@@ -17,7 +17,7 @@ def attention_probs(attn: nn.Module, x: torch.Tensor, ctx: torch.Tensor) -> torc
     b, n, _ = x.shape
     q = attn.to_q(x).view(b, n, attn.heads, -1).transpose(1, 2)  # [B, h, HW, d]
     k = attn.to_k(ctx).view(b, ctx.shape[1], attn.heads, -1).transpose(1, 2)  # [B, h, L, d]
-    return (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+    return (q.float() @ k.float().transpose(-1, -2) * attn.scale).softmax(-1)  # fp32, as upcast attention
 
 
 def concept_mask(

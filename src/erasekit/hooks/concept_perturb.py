@@ -6,9 +6,9 @@ At each UNet call whose timestep is at least ``until_t`` (M-ErasureBench's IRECE
    records the cross-attention probabilities of its tokens (``erasekit.hooks.attention_maps``); the binary mask
    M ``[N, 1, h, w]`` is their normalised average at the mask resolution, thresholded, upsampled (nearest) to the
    latent and maxed over the erased prompts.
-2. **Perturb.** The call runs on x̃ = x + strength · std(x) · M ⊙ ξ, ξ ~ N(0, I) drawn per image from the
-   seed, the timestep and the image's own latents (so an image's noise does not depend on its batch); both halves
-   of a guidance batch get the same x̃.
+2. **Perturb.** The call runs on x̃ = x + strength · std(x) · M ⊙ ξ, ξ ~ N(0, I) drawn from the seed and the
+   timestep alone (the same ξ for every image, so an image's perturbation does not depend on its batch); both
+   halves of a guidance batch get the same x̃.
 
 The erased prompts are encoded when the hook is installed, before a composite's tensors and modules are applied
 (``before_edits``), so they are the base text encoder's embeddings even when IRECE is stacked on a text-encoder
@@ -18,7 +18,6 @@ UNet, where the paper localises with the un-erased backbone).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,11 +56,10 @@ class ConceptPerturbConfig:
             raise ValueError("strength, until_t, mask_resolution must be >= 0 and threshold in [0, 1)")
 
 
-def row_noise(x: torch.Tensor, t: int, seed: int) -> torch.Tensor:
-    """``[C, h, w]`` standard normal noise for one image ``x`` at timestep ``t``: seeded by (seed, t, x's bytes)."""
-    digest = hashlib.sha256(f"{seed}|{t}|".encode() + x.detach().float().cpu().numpy().tobytes()).digest()
-    g = torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    return torch.randn(x.shape, generator=g)
+def step_noise(shape: tuple[int, ...], t: int, seed: int) -> torch.Tensor:
+    """``shape`` standard normal noise for timestep ``t``, from (seed, t) alone: the same for every image, so an
+    image's perturbation depends neither on its batch nor on the last bits of its latents."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed * 1009 + t))
 
 
 class ConceptPerturbState:
@@ -115,7 +113,10 @@ class ConceptPerturbState:
             return None
         sample = args[0] if args else kwargs["sample"]
         t = args[1] if len(args) > 1 else kwargs["timestep"]
-        step = int(t.flatten()[0]) if torch.is_tensor(t) else int(t)
+        if torch.is_tensor(t) and t.numel() > 1 and not bool((t == t.flatten()[0]).all()):
+            raise ErasekitError("the concept perturbation needs one timestep per UNet call")
+        t = t.flatten()[0] if torch.is_tensor(t) else t
+        step = int(t)
         if step < self.config.until_t or self.config.strength == 0:
             return None
         n = sample.shape[0]
@@ -127,7 +128,7 @@ class ConceptPerturbState:
                 mask = self.mask(x, t)
         finally:
             self.busy = False
-        noise = torch.stack([row_noise(row, step, self.config.seed) for row in x]).to(x.device, x.dtype)
+        noise = step_noise(tuple(x.shape[1:]), step, self.config.seed).to(x.device, x.dtype)
         std = x.flatten(1).std(dim=1).view(-1, 1, 1, 1)
         perturbed = x + self.config.strength * std * mask.to(x.dtype) * noise
         if cfg:

@@ -286,9 +286,10 @@ def erase_itd(model: Any, concepts: list[str], config: ItDConfig) -> HookedPatch
             raise ErasekitError(
                 "itd: every feature of the concept is also a retained concept's; nothing to erase"
             )
-        at = TopKSAE(SAEConfig(dim=sizes.dim, latents=sizes.latents, k=sizes.k, features=tuple(features),
-                               scale=sizes.threshold_scale))  # fmt: skip
-        at.load_state_dict(sae.state_dict())
+        with torch.device("meta"):  # nothing drawn from torch's global generator: the weights are sae's
+            at = TopKSAE(SAEConfig(dim=sizes.dim, latents=sizes.latents, k=sizes.k, features=tuple(features),
+                                   scale=sizes.threshold_scale))  # fmt: skip
+        at.load_state_dict(sae.state_dict(), assign=True)
         stats = shift_stat(at, torch.stack(layer_outputs(pipe, sizes.layer, erase_prompts)), sizes.stat)
     threshold = config.threshold_factor * float(stats.min())
     sae_config = SAEConfig(dim=sizes.dim, latents=sizes.latents, k=sizes.k, features=tuple(features),
