@@ -13,6 +13,7 @@ from erasekit.methods.itd import (
     geometric_median,
     layer_outputs,
     new_sae,
+    own_rows,
     resolve,
     shift_stat,
     train_sae,
@@ -93,7 +94,7 @@ def test_training_keeps_unit_decoder_columns_and_lowers_the_loss(model):
     sizes = resolve(ItDConfig(concept_type="object"), model.components["text_encoder"])
     assert (sizes.layer, sizes.dim, sizes.k, sizes.latents, sizes.n, sizes.stat) == (2, 32, 3, 1024, 6, "max")
     g = torch.Generator().manual_seed(0)
-    acts = [a for a in layer_outputs(model.pipeline, 2, CAPTIONS, pad=False)]
+    acts = own_rows(*layer_outputs(model.pipeline, 2, CAPTIONS))
     sae = new_sae(sizes, g)
     losses = train_sae(sae, acts, ItDConfig(epochs=20, batch_prompts=4, warmup=5, lr=1e-3), g)
     assert sum(losses[-3:]) < sum(losses[:3])
@@ -110,7 +111,7 @@ def test_the_threshold_lets_every_erase_prompt_through(model):
     assert mod.attach == "text_encoder/encoder.layers.2" and mod.type == "topk_sae" and mod.config["features"]
     sae = mod.build()
     pipe = model.pipeline
-    erase = torch.stack(layer_outputs(pipe, 2, ["fish", "A fish image.", "a picture of a fish"]))
+    erase, _ = layer_outputs(pipe, 2, ["fish", "A fish image.", "a picture of a fish"])
     with torch.no_grad():
         shifts = sae.shift(erase)
     assert float(shifts.min()) == pytest.approx(mod.config["threshold"] / 0.99, rel=1e-4)

@@ -151,10 +151,6 @@ class GuidanceMixState:
             return output
         return (mixed, *output[1:])
 
-    def before_unet(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self.busy:
-            self.gate.value = None  # the pipeline's own call: the LoRA pairs on (gate 1)
-
 
 def _attach_points(config: GuidanceMixConfig) -> tuple[str, ...]:
     return (config.unet,)
@@ -166,15 +162,7 @@ def _install(components: Mapping[str, Any], config: GuidanceMixConfig, gate: Gat
             raise ErasekitError(f"the guidance mix needs component {name!r}, which the model does not have")
     state = GuidanceMixState(components, config, gate)
     unet = components[config.unet]
-    handles: list[Any] = []
-    try:
-        handles.append(unet.register_forward_pre_hook(state.before_unet, with_kwargs=True))
-        handles.append(unet.register_forward_hook(state.around_unet, with_kwargs=True))
-    except BaseException:
-        for h in handles:
-            h.remove()
-        raise
-    return handles
+    return [unet.register_forward_hook(state.around_unet, with_kwargs=True)]
 
 
 register_hook_kind(HookKind("guidance_mix", GuidanceMixConfig, _attach_points, _install, modifies=True,

@@ -173,3 +173,19 @@ def lora_copy(
             a.requires_grad_(True)
             b.requires_grad_(True)
     return adapted, layers
+
+
+def peft_adapter(target: nn.Module, layer: Any, rank: int, alpha: float) -> Any:
+    """A trained peft LoRA layer on ``target`` as the :class:`~erasekit.hooks.adapters.LowRankAdapter` a hooked
+    artifact stores (scale ``alpha / rank``, checked against peft's own scaling), on the CPU in float32."""
+    from erasekit.hooks.adapters import LowRankAdapter, low_rank_config_for
+
+    with torch.device("meta"):  # no draw from the global generator; every weight is copied in below
+        adapter = LowRankAdapter(low_rank_config_for(target, rank, alpha))
+    adapter = adapter.to_empty(device="cpu")
+    with torch.no_grad():
+        adapter.down.weight.copy_(layer.lora_A["default"].weight)
+        adapter.up.weight.copy_(layer.lora_B["default"].weight)
+    if adapter.scale != layer.scaling["default"]:
+        raise ErasekitError("peft's LoRA scaling differs from alpha / rank")
+    return adapter.cpu().float()

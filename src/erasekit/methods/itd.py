@@ -128,27 +128,33 @@ def resolve(config: ItDConfig, encoder: nn.Module) -> Sizes:
 # ---- activations ---------------------------------------------------------------------------------------
 
 
-def layer_outputs(pipe: Any, layer: int, prompts: Sequence[str], pad: bool = True) -> list[torch.Tensor]:
-    """Per prompt the output of ``encoder.layers[layer]``: ``[77, D]`` padded as the pipeline does, or ``[n, D]``
-    its own tokens (BOS and EOS included) when not ``pad``."""
+def layer_outputs(pipe: Any, layer: int, prompts: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
+    """The output of ``encoder.layers[layer]`` for each prompt, padded as the pipeline does: ``[P, 77, D]``, and
+    each prompt's own length in tokens (BOS and EOS included)."""
     tok, enc = pipe.tokenizer, pipe.text_encoder
-    out: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
+    lengths: list[int] = []
     seen: list[torch.Tensor] = []
     handle = enc.encoder.layers[layer].register_forward_hook(lambda m, a, o: seen.append(o.detach()))
     try:
         with torch.no_grad():
             for i in range(0, len(prompts), 256):
-                batch = list(prompts[i : i + 256])
-                ids = tok(batch, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                          return_tensors="pt")  # fmt: skip
+                ids = tok(list(prompts[i : i + 256]), padding="max_length", max_length=tok.model_max_length,
+                          truncation=True, return_tensors="pt")  # fmt: skip
                 seen.clear()
                 enc(ids.input_ids.to(enc.device))
-                lengths = ids.attention_mask.sum(1)
-                for row, n in zip(seen[0].float().cpu(), lengths):
-                    out.append(row if pad else row[: int(n)])
+                rows.append(seen[0].float().cpu())
+                lengths += [int(n) for n in ids.attention_mask.sum(1)]
     finally:
         handle.remove()
-    return out
+    if not rows:
+        return torch.zeros(0, tok.model_max_length, enc.config.hidden_size), []
+    return torch.cat(rows), lengths
+
+
+def own_rows(padded: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
+    """Each prompt's rows of its own tokens, ``[n_i, D]``."""
+    return [p[:n] for p, n in zip(padded, lengths)]
 
 
 def geometric_median(x: torch.Tensor, iterations: int = 100) -> torch.Tensor:
@@ -217,14 +223,12 @@ def train_sae(
     return losses
 
 
-def padded_to_longest(
-    acts: Sequence[torch.Tensor], padded: Sequence[torch.Tensor], size: int
-) -> list[torch.Tensor]:
+def padded_to_longest(padded: torch.Tensor, lengths: Sequence[int], size: int) -> list[torch.Tensor]:
     """Each prompt's rows up to the longest prompt of its group of ``size`` (the release's ``padding=True``); the
     rows past a prompt's end are the pipeline's padding rows, which causal attention leaves as they would be."""
     out = []
-    for i in range(0, len(acts), size):
-        longest = max(a.shape[0] for a in acts[i : i + size])
+    for i in range(0, len(lengths), size):
+        longest = max(lengths[i : i + size])
         out += [p[:longest] for p in padded[i : i + size]]
     return out
 
@@ -274,14 +278,18 @@ def erase_itd(model: Any, concepts: list[str], config: ItDConfig) -> HookedPatch
     retain = list(config.retain) or list(world_kind_mates(concepts))
     g = generator(config.seed)
     with frozen(pipe.text_encoder):
-        own = layer_outputs(pipe, sizes.layer, captions, pad=False)
-        padded = layer_outputs(pipe, sizes.layer, captions)
         sae = new_sae(sizes, g)
-        train_sae(sae, padded_to_longest(own, padded, config.batch_prompts), config, g)
+        train_sae(
+            sae,
+            padded_to_longest(*layer_outputs(pipe, sizes.layer, captions), config.batch_prompts),
+            config,
+            g,
+        )
         erase_prompts = prompts_for(concepts, config.concept_type)
         retain_prompts = prompts_for(retain, config.concept_type)
-        features = erased_features(sae, layer_outputs(pipe, sizes.layer, erase_prompts, pad=False),
-                                   layer_outputs(pipe, sizes.layer, retain_prompts, pad=False), sizes.n)  # fmt: skip
+        erase_padded, erase_lengths = layer_outputs(pipe, sizes.layer, erase_prompts)
+        features = erased_features(sae, own_rows(erase_padded, erase_lengths),
+                                   own_rows(*layer_outputs(pipe, sizes.layer, retain_prompts)), sizes.n)  # fmt: skip
         if not features:
             raise ErasekitError(
                 "itd: every feature of the concept is also a retained concept's; nothing to erase"
@@ -290,7 +298,7 @@ def erase_itd(model: Any, concepts: list[str], config: ItDConfig) -> HookedPatch
             at = TopKSAE(SAEConfig(dim=sizes.dim, latents=sizes.latents, k=sizes.k, features=tuple(features),
                                    scale=sizes.threshold_scale))  # fmt: skip
         at.load_state_dict(sae.state_dict(), assign=True)
-        stats = shift_stat(at, torch.stack(layer_outputs(pipe, sizes.layer, erase_prompts)), sizes.stat)
+        stats = shift_stat(at, erase_padded, sizes.stat)
     threshold = config.threshold_factor * float(stats.min())
     sae_config = SAEConfig(dim=sizes.dim, latents=sizes.latents, k=sizes.k, features=tuple(features),
                            scale=config.scale, threshold=threshold)  # fmt: skip

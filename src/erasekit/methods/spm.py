@@ -36,7 +36,7 @@ from erasekit.errors import ErasekitError
 from erasekit.hooked import AddedModule, HookedPatch, HookSpec
 from erasekit.hooks.adapters import LowRankAdapter, low_rank_config_for
 from erasekit.hooks.prompt_gate import METRICS
-from erasekit.methods.common import check_choice, check_positive, frozen, generator, lora_copy
+from erasekit.methods.common import check_choice, check_positive, frozen, generator, lora_copy, peft_adapter
 from erasekit.patch import Patch
 from erasekit.progress import track
 from erasekit.registry import Strength, config_to_dict, register
@@ -221,7 +221,8 @@ def train(
         loss.backward()
         opt.step()
         sched.step()
-    return {name: _as_adapter(pipe.unet.get_submodule(name), layer, config) for name, layer in layers.items()}
+    return {name: peft_adapter(pipe.unet.get_submodule(name), layer, config.rank, config.alpha)
+            for name, layer in layers.items()}  # fmt: skip
 
 
 def spm_loss(
@@ -243,19 +244,6 @@ def spm_loss(
         target = e_null - config.negative_guidance * (e_c - e_null)
     pred = predict_noise(adapted, x_t.expand(1 + n, -1, -1, -1), t, torch.cat([c, rows]))
     return F.mse_loss(pred[:1], target) + config.anchor_weight * F.mse_loss(pred[1:], e_anchor)
-
-
-def _as_adapter(target: nn.Module, layer: Any, config: SPMConfig) -> LowRankAdapter:
-    """The trained peft pair as a :class:`~erasekit.hooks.LowRankAdapter` (the module the artifact stores)."""
-    with torch.device("meta"):  # no draw from the global generator; every weight is copied in below
-        adapter = LowRankAdapter(low_rank_config_for(target, config.rank, config.alpha))
-    adapter = adapter.to_empty(device="cpu")
-    with torch.no_grad():
-        adapter.down.weight.copy_(layer.lora_A["default"].weight)
-        adapter.up.weight.copy_(layer.lora_B["default"].weight)
-    if adapter.scale != layer.scaling["default"]:
-        raise ErasekitError("peft's LoRA scaling differs from alpha / rank")
-    return adapter.cpu().float()
 
 
 _FILES = (

@@ -29,7 +29,7 @@ from erasekit.denoising import check_unet_family, encode_prompts, predict_noise
 from erasekit.hooked import AddedModule, HookedPatch, HookSpec
 from erasekit.hooks.adapters import LowRankAdapter, low_rank_config_for
 from erasekit.hooks.guidance_mix import GuidanceMixConfig
-from erasekit.methods.common import attn2_linears, check_positive, frozen, generator, lora_copy
+from erasekit.methods.common import attn2_linears, check_positive, frozen, generator, lora_copy, peft_adapter
 from erasekit.methods.esd import diffusion_loop
 from erasekit.registry import Strength, config_to_dict, register
 
@@ -130,17 +130,8 @@ def train(
 
     # x_t from the model being trained: the loop samples with ``adapted``, whose LoRA weights are ``params``
     diffusion_loop(pipe, params, conds, loss, config, "unguide", generator_=g, unet=adapted)
-    return {n: _as_adapter(pipe.unet.get_submodule(n), layer, config) for n, layer in layers.items()}
-
-
-def _as_adapter(target: torch.nn.Module, layer: Any, config: UnGuideConfig) -> LowRankAdapter:
-    with torch.device("meta"):
-        adapter = LowRankAdapter(low_rank_config_for(target, config.rank, config.alpha * config.rank))
-    adapter = adapter.to_empty(device="cpu")
-    with torch.no_grad():
-        adapter.down.weight.copy_(layer.lora_A["default"].weight)
-        adapter.up.weight.copy_(layer.lora_B["default"].weight)
-    return adapter.cpu().float()
+    return {n: peft_adapter(pipe.unet.get_submodule(n), layer, config.rank, config.alpha * config.rank)
+            for n, layer in layers.items()}  # fmt: skip
 
 
 _FILES = "piotrmwojcik/UnGuide@ef15713: train.py, lora.py, compute_lora_diff.py, autoguide.py"
