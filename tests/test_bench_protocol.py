@@ -114,3 +114,38 @@ def test_a_rerun_resumes_without_work(board, monkeypatch):
     assert {c.entry for c in again.test.cells} == {c.entry for c in result.test.cells}
     sessions = json.loads((out / "timing.json").read_text())["sessions"]
     assert len(sessions) == 2
+
+
+def test_a_results_copy_carries_the_finished_cells_to_a_new_directory(board, tmp_path, monkeypatch):
+    import erasekit.attacks.run as attack_run
+    import erasekit.evaluation.protocols as protocols
+    import erasekit.registry as registry
+    from erasekit.bench.layout import Layout
+
+    out, result = board
+    identity = json.loads((out / "bench.json").read_text())["identity"]
+    copy = tmp_path / "results"
+    assert Layout(out).give_results(copy, identity) > 0
+    kept = {p.relative_to(copy).parts[0] for p in copy.rglob("*") if p.is_file()}
+    assert kept == {"bench.json", "tuned.json", "timing.json", "cells", "attacks", "patches", "leaderboard.md",
+                    "frontier.png"}  # fmt: skip
+    assert not list(copy.rglob("*.safetensors")) and not list(copy.rglob("manifest.jsonl"))
+    assert Layout(out).give_results(copy, identity) == 0  # nothing changed, nothing rewritten
+
+    monkeypatch.setattr(registry, "erase", lambda *a, **k: pytest.fail("erased again"))
+    monkeypatch.setattr(protocols, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(attack_run, "run_attack", lambda *a, **k: pytest.fail("attacked again"))
+    split = Split(0, dev=("neon", "star"), test=("pixel", "circle"))
+    kwargs = dict(stacks=["hirm-r+uce"], attacks=parse_attacks(["encoder-swap"], ["prompts=1"], seeds=1),
+                  classifier=fake_classifier(), command="erasekit bench ...", results=copy)  # fmt: skip
+    again = run_leaderboard(tiny_model(), tmp_path / "fresh", ["uce"], split, settings=GRID, **kwargs)
+    scores = {(c.entry, c.concept): c.scores for c in result.test.cells}
+    assert {(c.entry, c.concept): c.scores for c in again.test.cells} == scores
+    assert read_tuned(tmp_path / "fresh") == read_tuned(out)
+    table = [line for line in (out / "leaderboard.md").read_text().splitlines() if line.startswith("| uce")]
+    assert table and all(line in (tmp_path / "fresh" / "leaderboard.md").read_text() for line in table)
+
+    from dataclasses import replace
+
+    with pytest.raises(ErasekitError, match="another model or settings"):
+        run_leaderboard(tiny_model(), tmp_path / "other", ["uce"], split, settings=replace(GRID, seeds=1), **kwargs)

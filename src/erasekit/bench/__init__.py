@@ -48,6 +48,7 @@ def run_bench(
     run: bool = True,
     log: Log | None = None,
     attacks: Sequence[BenchAttack] = (),
+    results: str | Path | None = None,
 ) -> Board:
     """Run every entry (and the base model) on every concept, then write the leaderboard and the report.
 
@@ -69,6 +70,8 @@ def run_bench(
         run: ``False`` only rewrites the table and the page from the cells already finished.
         log: receives one line per step.
         attacks: attack columns, run on every finished cell's patch (and on the base model).
+        results: a results copy (:mod:`erasekit.bench.layout`): its finished cells are taken first, and this
+            directory's results are written back into it at the end.
 
     Returns:
         The :class:`~erasekit.bench.aggregate.Board` written to ``out/leaderboard.md`` and ``out/report.html``.
@@ -94,6 +97,8 @@ def run_bench(
                 "classifier_sha256": model_fingerprint({"classifier": classifier.module}),
                 "settings": asdict(settings), "sampling": asdict(settings.sampling(model))}  # fmt: skip
     layout = Layout(Path(out)).open(identity, overwrite)
+    if results is not None:
+        layout.take_results(Path(results), identity)
     labels = [e.label for e in entries]
     labels += [label for label in not_run if label not in labels]
     layout.write_bench_file(identity, {"model": model.source, "classifier": classifier.source, "entries": labels,
@@ -113,6 +118,8 @@ def run_bench(
         if attack.label in sheets:
             atomic_write_bytes(layout.sheet_file(attack.key), sheets[attack.label])
     write_html(board, layout.root, layout.root / "report.html", sheets=sheets)
+    if results is not None:
+        layout.give_results(Path(results), identity)
     return board
 
 

@@ -13,6 +13,13 @@
     DIR/leaderboard.md, DIR/report.html           the tables and the page
 
 Every file is written atomically; a cell is written last, after everything it points to.
+
+A **results copy** (``--results DIR``) holds the light part of a directory: ``bench.json``, ``tuned.json``,
+``timing.json``, the cells, the attack cells, the erasure costs, ``leaderboard.md`` and ``frontier.png``: no
+images and no patches, a few hundred kB that can be committed. A bench given one first takes every finished cell
+it lacks from it (those cells are not recomputed), and at the end writes its own cells back, so results gathered
+by different machines or sessions add up. Cells read back from a copy have no run directory: the page shows no
+images for them, and a tuned row or an attack re-erases its patch.
 """
 
 from __future__ import annotations
@@ -27,9 +34,13 @@ from typing import Any
 from erasekit.bench.entries import Part
 from erasekit.concepts import slug
 from erasekit.errors import ErasekitError
-from erasekit.io import atomic_write_json
+from erasekit.io import atomic_write_bytes, atomic_write_json
 
 BENCH_FILE = "bench.json"
+TIMING_FILE = "timing.json"
+# The files a results copy keeps (relative to the leaderboard directory); timing.json is merged, not copied.
+RESULT_FILES = ("bench.json", "tuned.json", "cells/*/*.json", "attacks/*/*/*.json", "patches/*/*.json")
+RESULT_PAGES = ("leaderboard.md", "frontier.png")
 # The leaderboard's numbers and where each sits in an evaluation's metrics.
 METRIC_PATHS = {
     "UA": ("UA",),
@@ -280,6 +291,69 @@ class Layout:
         atomic_write_json(
             self.bench_file(), {"identity": normal(identity), "run": run, "provenance": provenance()}
         )
+
+
+    # ---- results copies ----------------------------------------------------------------------------
+
+    def take_results(self, results: Path, identity: dict[str, Any]) -> int:
+        """Copy into this directory every result file of ``results`` it lacks; the number of files copied.
+
+        ``results`` that does not exist yet is fine (nothing to take); one of another model or other settings is
+        refused, as :meth:`open` refuses such a directory.
+        """
+        if not results.exists():
+            return 0
+        _check_results(results, identity)
+        taken = 0
+        for pattern in RESULT_FILES:
+            for src in sorted(results.glob(pattern)):
+                dest = self.root / src.relative_to(results)
+                if not dest.exists():
+                    atomic_write_bytes(dest, src.read_bytes())
+                    taken += 1
+        merge_timing(self.root / TIMING_FILE, results / TIMING_FILE)
+        return taken
+
+    def give_results(self, results: Path, identity: dict[str, Any]) -> int:
+        """Write this directory's result files and pages into ``results`` (created if absent); the number of
+        files written. Cells are results of deterministic runs, so a cell present in both is this directory's."""
+        if results.exists() and not results.is_dir():
+            raise ErasekitError(f"results copy {results} exists and is not a directory")
+        if results.is_dir() and any(results.iterdir()):
+            _check_results(results, identity)
+        given = 0
+        for pattern in (*RESULT_FILES, *RESULT_PAGES):
+            for src in sorted(self.root.glob(pattern)):
+                dest = results / src.relative_to(self.root)
+                data = src.read_bytes()
+                if not dest.is_file() or dest.read_bytes() != data:
+                    atomic_write_bytes(dest, data)
+                    given += 1
+        merge_timing(results / TIMING_FILE, self.root / TIMING_FILE)
+        return given
+
+
+def _check_results(results: Path, identity: dict[str, Any]) -> None:
+    file = results / BENCH_FILE
+    if not results.is_dir() or not file.is_file():
+        raise ErasekitError(f"{results} is not an erasekit results copy (no {BENCH_FILE})")
+    if read_json(file).get("identity") != normal(identity):
+        raise ErasekitError(f"results copy {results} holds a leaderboard of another model or settings")
+
+
+def merge_timing(into: Path, other: Path) -> None:
+    """Add to ``into``'s timing record the invocations of ``other``'s that it lacks (by start time and length)."""
+    if not other.is_file():
+        return
+    mine = read_json(into) if into.is_file() else {"sessions": []}
+    theirs = read_json(other)
+    seen = {(s["start"], s["seconds"]) for s in mine["sessions"]}
+    added = [s for s in theirs.get("sessions", []) if (s["start"], s["seconds"]) not in seen]
+    if not added and into.is_file():
+        return
+    mine["sessions"] = sorted([*mine["sessions"], *added], key=lambda s: s["start"])
+    mine["total_seconds"] = round(sum(s["seconds"] for s in mine["sessions"] if s["ran"]), 1)
+    atomic_write_json(into, normal(mine))
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from erasekit.bench.cells import Bench, BenchSettings, Log
 from erasekit.bench.entries import BASE, TUNED, Entry, Part, check_stack, parse_entries
-from erasekit.bench.layout import Layout, normal, read_json
+from erasekit.bench.layout import TIMING_FILE, Layout, normal, read_json
 from erasekit.bench.protocol import Point, Split, operating_point, sweep_entries, write_tuned
 from erasekit.errors import ErasekitError
 from erasekit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
     from erasekit.bench.aggregate import Board
     from erasekit.bench.attacks import BenchAttack
     from erasekit.models.loading import LoadedModel
-
-TIMING_FILE = "timing.json"
 
 
 @dataclass(frozen=True)
@@ -63,6 +61,7 @@ def run_leaderboard(
     shard: tuple[int, int] = (0, 1),
     run: bool = True,
     log: Log | None = None,
+    results: str | Path | None = None,
 ) -> Leaderboard:
     """Run the four stages of the module docstring and write the page.
 
@@ -75,6 +74,8 @@ def run_leaderboard(
         not_run: ``{label: reason}``: test rows shown as "not run" instead of being run.
         shard: ``(k, n)``: run only concepts ``k, k + n, ...`` of each stage (runtime only).
         run: ``False`` only rewrites the page from the finished cells (and the tuned file from the sweep).
+        results: a results copy (:mod:`erasekit.bench.layout`): its finished cells are taken first, and this
+            directory's results are written back into it at the end.
     """
     from erasekit.bench import check_concepts
     from erasekit.evaluation.classifiers import load_classifier
@@ -96,6 +97,8 @@ def run_leaderboard(
                 "settings": asdict(settings), "sweep_settings": asdict(sweep_settings),
                 "sampling": asdict(settings.sampling(model)), "split_seed": split.seed}  # fmt: skip
     layout = Layout(Path(out)).open(identity, overwrite)
+    if results is not None:
+        layout.take_results(Path(results), identity)
     layout.write_bench_file(identity, {"model": model.source, "classifier": classifier.source, "methods": list(methods),
                                        "stacks": list(stacks), "dev": list(split.dev), "test": list(split.test),
                                        "attacks": [a.label for a in attacks], "command": command})  # fmt: skip
@@ -116,6 +119,8 @@ def run_leaderboard(
     test_board = _board(layout, labels, test, tester, attacks, not_run, model, settings, "test", command)
     _record_time(layout, started, run)
     write_page(layout, sweep_board, test_board, tuned, split, attacks)
+    if results is not None:
+        layout.give_results(Path(results), identity)
     return Leaderboard(sweep_board, test_board, tuned)
 
 

@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--table-only", action="store_true",
                    help="run nothing: rewrite leaderboard.md and report.html from the finished cells")  # fmt: skip
     p.add_argument("--out", required=True, help="leaderboard directory (an unfinished one is resumed)")
+    p.add_argument("--results", default=None, metavar="DIR",
+                   help="a results copy (cells, costs and tables; no images or patches): its finished cells are "
+                        "taken first, and --out's are written back at the end (small enough to commit)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="delete an existing leaderboard at --out first")
     p.set_defaults(func=run_bench_command)
 
@@ -80,7 +83,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         model, args.out, entries, concepts, settings=BenchSettings(seeds=args.seeds, steps=args.steps),
         classifier=classifier_from(args), batch_size=args.batch_size, not_run=not_run, concept_seed=seed,
         command=_command(args), overwrite=args.overwrite, shard=shard, run=not args.table_only, log=_log,
-        attacks=attacks,
+        attacks=attacks, results=args.results,
     )  # fmt: skip
     missing = board.missing()
     print(f"leaderboard: {args.out}/leaderboard.md, report: {args.out}/report.html"
@@ -116,6 +119,7 @@ def run_protocol_command(args: argparse.Namespace) -> int:
         settings=BenchSettings(seeds=args.seeds, steps=args.steps), stacks=_split(args.stacks), attacks=attacks,
         classifier=classifier_from(args), batch_size=args.batch_size, not_run=_not_run(args.not_run),
         command=_command(args), overwrite=args.overwrite, shard=shard, run=not args.table_only, log=_log,
+        results=args.results,
     )  # fmt: skip
     missing = result.test.missing() + result.sweep.missing()
     print(f"leaderboard: {args.out}/leaderboard.md, report: {args.out}/report.html"
