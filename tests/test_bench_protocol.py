@@ -148,4 +148,6 @@ def test_a_results_copy_carries_the_finished_cells_to_a_new_directory(board, tmp
     from dataclasses import replace
 
     with pytest.raises(ErasekitError, match="another model or settings"):
-        run_leaderboard(tiny_model(), tmp_path / "other", ["uce"], split, settings=replace(GRID, seeds=1), **kwargs)
+        run_leaderboard(
+            tiny_model(), tmp_path / "other", ["uce"], split, settings=replace(GRID, seeds=1), **kwargs
+        )

@@ -106,7 +106,9 @@ def _images(board: Board, out_dir: Path, concept: str) -> str:
 
     runs = [(label, board.cell(label, concept)) for label in board.labels]
     runs = [(label, out_dir / cell.run) for label, cell in runs if cell is not None]
-    runs = [(label, run) for label, run in runs if read_manifest(run)]  # cells from a results copy have no images
+    runs = [
+        (label, run) for label, run in runs if read_manifest(run)
+    ]  # cells from a results copy have no images
     if not runs:
         return ""
     grid = [e for e in read_manifest(runs[0][1]) if e.get("meta", {}).get("set") == "grid"]

@@ -292,7 +292,6 @@ class Layout:
             self.bench_file(), {"identity": normal(identity), "run": run, "provenance": provenance()}
         )
 
-
     # ---- results copies ----------------------------------------------------------------------------
 
     def take_results(self, results: Path, identity: dict[str, Any]) -> int:
