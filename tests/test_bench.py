@@ -372,3 +372,33 @@ def test_cli_errors_are_one_line(capsys, tmp_path, argv, match):
     code = main(["--quiet", "bench", "--model", str(tmp_path / "none"), *argv, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_the_eraseeval_column_scores_every_cell_as_the_protocol_does(model, tmp_path, monkeypatch):
+    import erasekit.evaluation.protocols as protocols
+    from erasekit.bench.attacks import eraseeval_column
+    from erasekit.hooked import load_erasure
+
+    out = tmp_path / "lb"
+    column = eraseeval_column(seeds=1)
+    kwargs = dict(settings=GRID, classifier=fake_classifier(), batch_size=16, attacks=[column])
+    board = run_bench(model, out, parse_entries(["uce:paper"]), ["neon"], **kwargs)
+    assert not board.missing()
+    erased, base = (board.attack_cell(column.label, label, "neon") for label in ("uce:paper", "base"))
+    # the column is the protocol run on the cell's own patch, with the bench's sampling, written out by hand
+    (patch_dir,) = (out / "patches").glob("uce-*/neon")
+    direct = protocols.evaluate(model, "eraseeval", tmp_path / "direct", patches=[load_erasure(patch_dir)],
+                                sampling=GRID.sampling(model), batch_size=16, classifier=fake_classifier(),
+                                target="neon", seeds=1, grid_seeds=1, combine="geometric")  # fmt: skip
+    assert erased.value == pytest.approx(100 * direct["EraseEval"]) and erased.headline == "EraseEval"
+    assert {k: erased.asr[k] for k in ("M1", "M2", "M3", "M4")} == pytest.approx(
+        {k: 100 * direct[k] for k in ("M1", "M2", "M3", "M4")}
+    )
+    assert base.asr["M3"] == pytest.approx(100) and base.asr["M4"] == pytest.approx(
+        100
+    )  # the base is its own base
+    text = (out / "leaderboard.md").read_text()
+    assert "| EraseEval ×100 ↑ |" in text and "EraseEval's combined score × 100" in text
+    monkeypatch.setattr(protocols, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    again = run_bench(model, out, parse_entries(["uce:paper"]), ["neon"], **kwargs)
+    assert again.attack_cell(column.label, "uce:paper", "neon") == erased

@@ -111,9 +111,10 @@ def table_rows(board: Board, kind: str, stats: dict[str, Any] | None = None) -> 
 
 
 def attack_estimate(board: Board, attack: str, label: str, concepts: list[str]) -> tuple[Estimate, int]:
-    """The ASR over ``concepts`` (with its interval over concepts) and how many of their cells finished."""
+    """The column's number (ASR; EraseEval × 100) over ``concepts`` (with its interval over concepts) and how many
+    of their cells finished."""
     cells = [board.attack_cell(attack, label, c) for c in concepts]
-    values = [[float(c.ASR)] for c in cells if c is not None and c.ASR is not None]
+    values = [[float(c.value)] for c in cells if c is not None and c.value is not None]
     return estimate(values), sum(c is not None for c in cells)
 
 
@@ -131,12 +132,27 @@ def attack_rows(board: Board, kind: str) -> list[list[str]]:
 
 
 def attack_header(board: Board) -> list[str]:
-    """The attack tables' header: ``name:preset ASR ↓`` (the whole label where two columns share a name)."""
+    """The attack tables' header: ``name:preset ASR ↓`` (the whole label where two columns share a name);
+    ``EraseEval ×100 ↑`` for the EraseEval column."""
+    from erasekit.bench.attacks import is_eraseeval
+
     short = [a.split(" (")[0] for a in board.attacks]
     names = short if len(set(short)) == len(short) else list(board.attacks)
-    return ["method", *(f"{n} ASR ↓" for n in names)]
+    return [
+        "method",
+        *("EraseEval ×100 ↑" if is_eraseeval(a) else f"{n} ASR ↓" for n, a in zip(names, board.attacks)),
+    ]
 
 
 def attack_budgets(board: Board) -> str:
     """One line naming each attack column's budget overrides (the full budgets are in every cell's JSON)."""
     return "Attack budgets, the same for every method: " + "; ".join(f"`{a}`" for a in board.attacks) + "."
+
+
+def attack_title(board: Board) -> str:
+    """What the attack table's numbers are."""
+    from erasekit.bench.attacks import is_eraseeval
+
+    if any(is_eraseeval(a) for a in board.attacks):
+        return "ASR %; EraseEval's combined score × 100"
+    return "ASR %"

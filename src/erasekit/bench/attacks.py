@@ -8,6 +8,11 @@ Its cells live beside the evaluation cells::
 
 ``<attack-key>`` names the attack and preset and hashes the resolved budget and seeds, so a rerun with another
 budget never mixes with the old cells.
+
+One column is not an attack: **EraseEval** (``--eraseeval``; :mod:`erasekit.evaluation.protocols.eraseeval`)
+runs the ``eraseeval`` protocol on each cell's patch and shows its combined score × 100 (higher is better). It
+lives among the attack columns because it is computed the same way: once per entry and concept, on the patch,
+resumable, and shared by entries with the very same patch.
 """
 
 from __future__ import annotations
@@ -43,9 +48,11 @@ class BenchAttack:
         return f"{self.name}:{self.preset}" + (f" ({extra})" if extra else "")
 
     def resolved(self, concept_type: str) -> dict[str, Any]:
-        """The full budget this column runs with for one concept type."""
+        """The full budget this column runs with for one concept type (EraseEval: its protocol's options)."""
         from erasekit.attacks import budget_dict, make_budget
 
+        if self.name == ERASEEVAL:
+            return dict(self.budget)
         return budget_dict(make_budget(self.name, self.preset, concept_type, dict(self.budget)))
 
     @property
@@ -59,6 +66,23 @@ class BenchAttack:
             default=str,
         )
         return f"{slug(self.name)}-{slug(self.preset)}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+ERASEEVAL = "eraseeval"
+
+
+def eraseeval_column(seeds: int = 2, grid_seeds: int = 1, combine: str = "geometric") -> BenchAttack:
+    """The EraseEval column: the ``eraseeval`` protocol with these options (its defaults) on every cell."""
+    from erasekit.evaluation.protocols.eraseeval import EraseEvalProtocol
+
+    EraseEvalProtocol(target="x", seeds=seeds, grid_seeds=grid_seeds, combine=combine)  # checks the options
+    budget = (("combine", combine), ("grid_seeds", grid_seeds), ("seeds", seeds))
+    return BenchAttack(ERASEEVAL, "minicanvas", budget, seeds)
+
+
+def is_eraseeval(label: str) -> bool:
+    """Whether a column label is the EraseEval column's."""
+    return label.split(":")[0] == ERASEEVAL
 
 
 def parse_attacks(names: Sequence[str], budget: Sequence[str] = (), seeds: int = 2) -> list[BenchAttack]:

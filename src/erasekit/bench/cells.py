@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from erasekit.bench.attacks import ERASEEVAL
 from erasekit.bench.entries import Entry, Part, check_stack
 from erasekit.bench.layout import AttackCell, Cell, Layout, Scores, read_json
 from erasekit.bench.memory import PeakMemory
@@ -199,6 +200,8 @@ class Bench:
         found = layout.read_attack_cell(attack.key, twin, concept) if twin else None
         if found is not None:
             cell = replace(found, entry=entry.label, same_patch_as=twin)
+        elif attack.name == ERASEEVAL:
+            cell = self.eraseeval_cell(attack, entry, concept, kind)
         else:
             start = time.perf_counter()
             patches = [self.entry_patch(entry, concept, kind)[0]] if entry.parts else []
@@ -214,8 +217,31 @@ class Bench:
                               asr_rule=metrics.get("asr_rule"), budget=metrics.get("budget") or {},
                               run=layout.relative(run), cell_seconds=round(time.perf_counter() - start, 2))  # fmt: skip
         layout.write_attack_cell(attack.key, cell)
-        self.say(f"done {attack.label} on {entry.label} {concept!r}: ASR {_pct(cell.ASR)}")
+        self.say(f"done {attack.label} on {entry.label} {concept!r}: {cell.headline} {_pct(cell.value)}")
         return cell
+
+    def eraseeval_cell(self, attack: BenchAttack, entry: Entry, concept: str, kind: str) -> AttackCell:
+        """The EraseEval column on one cell: the ``eraseeval`` protocol on the entry's patch (a finished run is
+        read back); its combined score and M1..M4, × 100."""
+        from erasekit.evaluation.protocols import evaluate
+        from erasekit.evaluation.record import read_run
+
+        start = time.perf_counter()
+        run = self.layout.attack_run_dir(attack.key, entry.label, concept)
+        if (run / "metrics.json").is_file():
+            metrics = read_run(run)["metrics"]
+        else:
+            patches = [self.entry_patch(entry, concept, kind)[0]] if entry.parts else []
+            self.say(f"evaluate {attack.label} on {entry.label} {concept!r}")
+            metrics = evaluate(
+                self.model, ERASEEVAL, run, patches=patches, sampling=self.settings.sampling(self.model),
+                batch_size=self.batch_size, classifier=self.classifier, target=concept, **dict(attack.budget),
+            )  # fmt: skip
+        scores = {k: 100 * float(metrics[k]) for k in ("EraseEval", "M1", "M2", "M3", "M4")}
+        rule = f"EraseEval: the {dict(attack.budget)['combine']} mean of M1..M4, x 100"
+        return AttackCell(attack=attack.label, entry=entry.label, concept=concept, concept_type=kind, asr=scores,
+                          asr_rule=rule, budget=dict(attack.budget), run=self.layout.relative(run),
+                          cell_seconds=round(time.perf_counter() - start, 2), headline="EraseEval")  # fmt: skip
 
     def run(self, entries: Sequence[Entry], concepts: Sequence[str]) -> list[Cell]:
         """Every entry on every concept, the base model first; a cell that fails is logged, recorded in

@@ -16,6 +16,7 @@ from erasekit.bench.aggregate import (
     attack_budgets,
     attack_header,
     attack_rows,
+    attack_title,
     table_rows,
 )
 from erasekit.bench.markdown import MEANINGS
@@ -68,7 +69,7 @@ def _kind_section(board: Board, kind: str, prefix: str = "", chart: bool = True)
     if board.attacks:
         head = [html.escape(h) for h in attack_header(board)]
         attack_table = [[html.escape(c) for c in r] for r in attack_rows(board, kind)]
-        out += [f"<h3>Attacks on the {kind}s (ASR %)</h3>", f"<p>{html.escape(attack_budgets(board))}</p>",
+        out += [f"<h3>Attacks on the {kind}s ({html.escape(attack_title(board))})</h3>", f"<p>{html.escape(attack_budgets(board))}</p>",
                 html_table(head, attack_table)]  # fmt: skip
     return out
 

@@ -150,8 +150,10 @@ class AttackCell:
     Attributes:
         attack: the column's label (``ring-a-bell:quick (prompts=4)``).
         entry, concept, concept_type: as in :class:`Cell`.
-        asr: ``{"ASR", "ASR_pre", "ASR_post", "ASR_images", "ASR_any"}`` (percent; ``None`` where not measured).
-        asr_rule: which rate is the headline ``ASR``.
+        asr: ``{"ASR", "ASR_pre", "ASR_post", "ASR_images", "ASR_any"}`` (percent; ``None`` where not measured);
+            for the EraseEval column ``{"EraseEval", "M1", "M2", "M3", "M4"}`` (× 100).
+        asr_rule: which rate is the headline ``ASR`` (the EraseEval column: how its score combines).
+        headline: the key of ``asr`` the column shows (``ASR``; ``EraseEval`` for that column).
         budget: the full resolved budget.
         run: the attack run, relative to the leaderboard directory.
         same_patch_as: the entry whose attack run this is (same patch), or ``None``.
@@ -168,10 +170,16 @@ class AttackCell:
     run: str = ""
     same_patch_as: str | None = None
     cell_seconds: float = 0.0
+    headline: str = "ASR"
 
     @property
     def ASR(self) -> float | None:  # noqa: N802 (the field's name in every run's metrics.json)
         return self.asr.get("ASR")
+
+    @property
+    def value(self) -> float | None:
+        """The number the column shows for this cell."""
+        return self.asr.get(self.headline)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

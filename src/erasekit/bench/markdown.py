@@ -12,6 +12,7 @@ from erasekit.bench.aggregate import (
     attack_budgets,
     attack_header,
     attack_rows,
+    attack_title,
     table_rows,
 )
 
@@ -27,6 +28,9 @@ MEANINGS = (
     "ASR (attack success rate): percent of the attack's generations the classifier labels as the erased "
     "concept (the attack's headline rule: see `erasekit attacks NAME`); the base row is the un-erased model's "
     "rate under the same attack.",
+    "EraseEval ×100 (with `--eraseeval`): the `eraseeval` protocol's combined score of its four criteria (the "
+    "target prompt still reflected minus the concept, related prompts, other concepts kept, the distribution "
+    "kept), × 100, higher is better; docs/evaluation.md says how each is measured on MiniCanvas.",
     "erase (s): wall time of the method's `erase()` on this machine; a stack adds up its parts.",
     "peak memory (MiB): the most resident memory (RSS) the process held during `erase()` above what it held when "
     "the erasure began (sampled every 5 ms, glibc free lists trimmed first); a stack shows its largest part. It "
@@ -61,7 +65,7 @@ def kind_sections(board: Board, level: str, prefix: str = "") -> list[str]:
         lines += [f"{level} {prefix}{kind.title()}s: {', '.join(board.concepts[kind])}", ""]
         lines += table(header, table_rows(board, kind))
         if board.attacks:
-            lines += [f"{level}# Attacks on the {kind}s (ASR %, mean [95% interval] over the {kind}s)", "",
+            lines += [f"{level}# Attacks on the {kind}s ({attack_title(board)}, mean [95% interval] over the {kind}s)", "",
                       attack_budgets(board), ""]  # fmt: skip
             lines += table(attack_header(board), attack_rows(board, kind))
     return lines

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="budget override for every listed attack that has the field, or only for attack NAME "
                         "(repeatable)")  # fmt: skip
     p.add_argument("--attack-seeds", type=int, default=2, help="images per adversarial candidate")
+    p.add_argument("--eraseeval", action="store_true",
+                   help="add the EraseEval column: the eraseeval protocol (its default options) on every cell's "
+                        "patch, its combined score x 100")  # fmt: skip
     p.add_argument("--not-run", action="append", default=[], metavar="ENTRY=REASON",
                    help="show ENTRY as 'not run: REASON' instead of running it (repeatable)")  # fmt: skip
     p.add_argument("--shard", default="1/1", metavar="K/N",
@@ -61,14 +64,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_bench_command(args: argparse.Namespace) -> int:
     if args.sweep:
         return run_protocol_command(args)
-    from erasekit.bench import BenchSettings, parse_attacks, parse_entries, run_bench
+    from erasekit.bench import BenchSettings, parse_entries, run_bench
     from erasekit.models.loading import load
 
     not_run = {parse_entries([k])[0].label: v for k, v in _not_run(args.not_run).items()}
     entries = parse_entries(_split(args.methods), _split(args.presets))
     entries += [e for e in parse_entries(list(not_run)) if e not in entries]
     concepts, seed = _concepts(args)
-    attacks = parse_attacks(_split(args.attacks), args.attack_budget, args.attack_seeds)
+    attacks = _columns(args)
     shard = _shard(args.shard)
     if args.table_only and args.overwrite:
         raise ErasekitError("--table-only reads the finished cells; --overwrite would delete them")
@@ -92,7 +95,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def run_protocol_command(args: argparse.Namespace) -> int:
-    from erasekit.bench import BenchSettings, parse_attacks
+    from erasekit.bench import BenchSettings
     from erasekit.bench.leaderboard import run_leaderboard
     from erasekit.bench.protocol import split_concepts
     from erasekit.models.loading import load
@@ -103,7 +106,7 @@ def run_protocol_command(args: argparse.Namespace) -> int:
         raise ErasekitError("with --sweep, --methods takes method names; put stacks in --stacks")
     if args.concepts or args.presets:
         raise ErasekitError("--sweep chooses the concepts (the split) and the presets (paper, tuned) itself")
-    attacks = parse_attacks(_split(args.attacks), args.attack_budget, args.attack_seeds)
+    attacks = _columns(args)
     shard = _shard(args.shard)
     if args.table_only and args.overwrite:
         raise ErasekitError("--table-only reads the finished cells; --overwrite would delete them")
@@ -193,3 +196,11 @@ def _log(line: str) -> None:
     import time
 
     print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
+def _columns(args: argparse.Namespace) -> list:
+    """The attack columns, then the EraseEval column when asked for."""
+    from erasekit.bench.attacks import eraseeval_column, parse_attacks
+
+    columns = parse_attacks(_split(args.attacks), args.attack_budget, args.attack_seeds)
+    return columns + ([eraseeval_column()] if args.eraseeval else [])
