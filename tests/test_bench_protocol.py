@@ -151,3 +151,17 @@ def test_a_results_copy_carries_the_finished_cells_to_a_new_directory(board, tmp
         run_leaderboard(
             tiny_model(), tmp_path / "other", ["uce"], split, settings=replace(GRID, seeds=1), **kwargs
         )
+
+
+def test_every_registered_knob_builds_a_valid_config_at_every_grid_point():
+    from erasekit.registry import METHODS
+
+    knobs = {name: METHODS.get(name).strength for name in METHODS.names()}
+    assert all(knobs[m] for m in ("esd-x", "esd-u", "advunlearn", "fewshot-te", "uce", "hirm-r"))
+    for name, knob in knobs.items():
+        if knob is None:
+            continue
+        for part in sweep_parts(name):
+            for kind in ("style", "object"):
+                config = part.config(kind)  # a value the config refuses raises here
+                assert getattr(config, knob.field) == dict(part.overrides)[knob.field]

@@ -57,7 +57,7 @@ from erasekit.methods.common import (
 from erasekit.models.families import clip_prefix, num_blocks
 from erasekit.patch import Patch
 from erasekit.progress import track
-from erasekit.registry import register
+from erasekit.registry import Strength, register
 
 TRAINABLE = ("full", "all-blocks", "block-0")
 RETAIN_SETS = ("auto", "coco", "minicanvas")
@@ -337,5 +337,6 @@ register(
         "all-blocks": {"trainable": "all-blocks"},
         "block0": {"trainable": "block-0"},
     },
+    strength=Strength("iterations", (25, 50, 100, 200), preset="budget"),
     summary="AdvUnlearn: adversarial (prefix-embedding) ESD training of the text encoder with a retain loss",
 )(erase_advunlearn)

@@ -43,7 +43,7 @@ from erasekit.methods.common import (
 )
 from erasekit.patch import Patch
 from erasekit.progress import track
-from erasekit.registry import register
+from erasekit.registry import Strength, register
 
 PARAMETER_SETS = ("attn2", "attn2-kv", "non-attn2")
 TRAIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -241,6 +241,7 @@ register(
         "bf16": {"parameters": "attn2", **_BF16},
         "legacy": {"parameters": "attn2", **_LEGACY},
     },
+    strength=Strength("negative_guidance", (1.0, 2.0, 4.0, 8.0, 16.0)),
     summary="ESD-x: fine-tune every cross-attention Linear of the UNet with negative guidance",
 )(erase_esd)
 register(
@@ -251,5 +252,6 @@ register(
         "bf16": {"parameters": "non-attn2", **_BF16},
         "legacy": {"parameters": "non-attn2", **_LEGACY},
     },
+    strength=Strength("negative_guidance", (1.0, 2.0, 4.0, 8.0, 16.0)),
     summary="ESD-u: fine-tune every Linear and Conv of the UNet outside cross-attention",
 )(erase_esd)

@@ -41,7 +41,7 @@ from erasekit.methods.common import (
 from erasekit.models.families import block_linear_names, num_blocks
 from erasekit.patch import Patch
 from erasekit.progress import track
-from erasekit.registry import register
+from erasekit.registry import Strength, register
 
 ImageSource = Callable[[str, int, int], Sequence[np.ndarray]]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -254,5 +254,6 @@ register(
     "fewshot-te",
     FewShotTEConfig,
     presets={"paper": {}},
+    strength=Strength("epochs", (5, 10, 20, 40, 80)),
     summary="Few-shot TE unlearning: gradient ascent on the textual-inversion loss of a few real images",
 )(erase_fewshot_te)
