@@ -50,6 +50,8 @@ KINDS = ("style", "object")
 # the template words) in place. None of them is a grid caption.
 GENERIC = GENERIC_RETAIN
 HOLD = {"preserve_unconditional": True, "retain_prompts": GENERIC}
+MATES = {**HOLD, "world_retain": "kind"}
+NAMES = {**HOLD, "world_retain": "all"}
 OUT = "last_hidden_state"  # the encoder output the denoiser reads
 TEMPLATES = {"style": ("in the style of {}", "{} style"), "object": ("a {}", "the {}")}
 
@@ -111,6 +113,29 @@ def candidates(concept: str) -> dict[str, dict[str, Any]]:
                                                            preserve_weight=20.0, templates=TEMPLATES[kind]),
         "last rel k1 s100 lr1e-4 hold w30 templates": rel(1, **HOLD, supervision=OUT, steps=100, lr=1e-4,
                                                            preserve_weight=30.0, templates=TEMPLATES[kind]),
+        # the held generic prompts plus the other MiniCanvas concepts of the target's kind as bare names
+        # (``world_retain``, SPEED's retain set on MiniCanvas), which lets a stronger target keep retention
+        "last rel k1 s200 lr1e-4 mates w20": rel(1, **MATES, supervision=OUT, steps=200, lr=1e-4,
+                                                  preserve_weight=20.0),
+        "last rel k2 s100 lr1e-4 mates w20": rel(2, **MATES, supervision=OUT, steps=100, lr=1e-4,
+                                                  preserve_weight=20.0),
+        "last rel k2 s200 lr1e-4 mates w20": rel(2, **MATES, supervision=OUT, steps=200, lr=1e-4,
+                                                  preserve_weight=20.0),
+        "last rel k2 s200 lr1e-4 mates w100": rel(2, **MATES, supervision=OUT, steps=200, lr=1e-4,
+                                                   preserve_weight=100.0),
+        "last rel k2 s300 lr1e-4 mates w100": rel(2, **MATES, supervision=OUT, steps=300, lr=1e-4,
+                                                   preserve_weight=100.0),
+        "last rel k4 s200 lr1e-4 mates w100": rel(4, **MATES, supervision=OUT, steps=200, lr=1e-4,
+                                                   preserve_weight=100.0),
+        # the same with every other concept held (both kinds: CRA reads the other kind), and with the loss on the
+        # content positions only (the concept's tokens and end-of-text; the padding rows carry a prompt's
+        # summary into every later position the denoiser reads)
+        "last rel k2 s100 lr1e-4 mates w20 content": rel(2, **MATES, supervision=OUT, steps=100, lr=1e-4,
+                                                          preserve_weight=20.0, loss_positions="content"),
+        "last rel k2 s100 lr1e-4 names w20": rel(2, **NAMES, supervision=OUT, steps=100, lr=1e-4,
+                                                  preserve_weight=20.0),
+        "last rel k2 s100 lr1e-4 names w20 content": rel(2, **NAMES, supervision=OUT, steps=100, lr=1e-4,
+                                                          preserve_weight=20.0, loss_positions="content"),
     }  # fmt: skip
 
 

@@ -8,6 +8,7 @@ CPU-drawn ``U / ||U|| * c``, AdamW on block 0's q/k/v/out/fc1/fc2, N steps.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -248,6 +249,25 @@ def test_preserve_unconditional_keeps_the_empty_prompt(tok):
         with trained(enc, tok, ["Van Gogh"], config):
             drift[keep] = (hooked(enc, ids, batch.point) - base).norm().item()
     assert drift[True] < 0.5 * drift[False]
+
+
+def test_world_retain_keeps_the_targets_minicanvas_kind_mates(tok):
+    from erasekit.minicanvas import OBJECT_NAMES, STYLE_NAMES
+
+    enc = tiny_encoder()
+    config = HirmConfig(retain_prompts=("a dog",), world_retain="kind", preserve_unconditional=True)
+    batch = build_batch(enc, tok, ["mosaic"], config)
+    mates = [s for s in STYLE_NAMES if s != "mosaic"]
+    assert len(mates) == 11
+    assert batch.input_ids.tolist() == ids_of(tok, ["mosaic", "a dog", *mates, ""]).tolist()
+    assert torch.equal(batch.targets[2], hooked(enc, ids_of(tok, [mates[0]]), batch.point)[0])
+    # a concept outside MiniCanvas has no kind-mates: only what was given
+    other = build_batch(enc, tok, ["Van Gogh"], config)
+    assert other.input_ids.tolist() == ids_of(tok, ["Van Gogh", "a dog", ""]).tolist()
+    every = build_batch(enc, tok, ["mosaic"], dataclasses.replace(config, world_retain="all"))
+    assert every.input_ids.tolist() == ids_of(tok, ["mosaic", "a dog", *mates, *OBJECT_NAMES, ""]).tolist()
+    with pytest.raises(ValueError, match="world_retain"):
+        HirmConfig(world_retain="everything")
 
 
 def test_nudity_safe_misdirection_target_is_built_from_pairs(tok):
@@ -553,9 +573,9 @@ def test_default_preset_is_paper_plus_only_the_dev_chosen_changes():
 
     from erasekit.methods.hirm.config import GENERIC_RETAIN
 
-    chosen = {"coefficient_mode": "relative", "coefficient": 1.0, "target_distribution": "gaussian",
-              "supervision": "last_hidden_state", "retain_prompts": GENERIC_RETAIN, "preserve_unconditional": True,
-              "preserve_weight": 20.0, "lr": 1e-4}  # fmt: skip
+    chosen = {"coefficient_mode": "relative", "coefficient": 2.0, "target_distribution": "gaussian",
+              "supervision": "last_hidden_state", "retain_prompts": GENERIC_RETAIN, "world_retain": "all",
+              "preserve_unconditional": True, "preserve_weight": 20.0, "lr": 1e-4}  # fmt: skip
     steps = {"style": 100, "object": 50}  # the dev sweep's operating points (docs/leaderboard.md)
     for kind in ("style", "object", "nsfw"):
         paper, default = (

@@ -153,3 +153,14 @@ def world_kind_mates(concepts: Sequence[str]) -> tuple[str, ...]:
     kind = OBJECTS if found[0].kind == "object" else STYLES
     erased = {c.name for c in found}
     return tuple(c.name for c in kind if c.name not in erased)
+
+
+def world_other_kind(concepts: Sequence[str]) -> tuple[str, ...]:
+    """The MiniCanvas concepts of the *other* kind (styles for objects, objects for styles), under the same
+    condition as :func:`world_kind_mates`: every one of ``concepts`` a MiniCanvas concept of one kind."""
+    from erasekit.minicanvas.world import OBJECTS, STYLES
+
+    if not world_kind_mates(concepts):
+        return ()
+    first = concepts[0].strip().lower()
+    return tuple(c.name for c in (STYLES if any(o.name == first for o in OBJECTS) else OBJECTS))

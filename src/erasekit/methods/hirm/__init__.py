@@ -73,7 +73,7 @@ def _check_target(config: HirmConfig, method: str, target: str) -> None:
     HirmConfig,
     presets=presets(coefficient=5000.0, default_changes=HIRM_R_DEFAULT),
     default_preset="default",
-    strength=Strength("steps", (50, 100, 150, 200, 300), preset="default"),
+    strength=Strength("steps", (25, 50, 75, 100, 150), preset="default"),
     summary="HiRM-R: train CLIP block 0 so the concept's last-block representation hits a random vector",
 )
 def erase_hirm_r(model: LoadedModel, concepts: Sequence[str], config: HirmConfig) -> Patch:

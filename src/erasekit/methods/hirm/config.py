@@ -20,6 +20,7 @@ MULTI_MODES = ("joint", "average")
 COEFFICIENT_MODES = ("absolute", "relative")
 TARGET_DISTRIBUTIONS = ("uniform", "centered", "gaussian")
 PARTS = ("attn", "mlp")
+WORLD_RETAIN = ("none", "kind", "all")
 
 # The released code's nudity prompt, kept byte for byte (including the space before the first comma).
 NUDITY_PROMPT = "naked ,nude, bare, exposed, Stripped, topless, male genitalia, penis, buttocks"
@@ -122,6 +123,14 @@ class HirmConfig:
     retain_prompts: tuple[str, ...] = field(
         default=(), metadata=_help("prompts whose representation is kept at the frozen encoder's value")
     )
+    world_retain: Literal["none", "kind", "all"] = field(
+        default="none",
+        metadata=_help(
+            "with MiniCanvas targets, also keep other MiniCanvas concepts as bare names: kind (the other "
+            "concepts of the target's kind, SPEED's retain set) or all (those and every concept of the other "
+            "kind); nothing is added for concepts outside MiniCanvas"
+        ),
+    )
     preserve_weight: float = field(
         default=1.0, metadata=_help("weight of the retain-prompt preservation loss")
     )
@@ -153,6 +162,7 @@ class HirmConfig:
         _check_choice("multi", self.multi, MULTI_MODES)
         _check_choice("coefficient_mode", self.coefficient_mode, COEFFICIENT_MODES)
         _check_choice("target_distribution", self.target_distribution, TARGET_DISTRIBUTIONS)
+        _check_choice("world_retain", self.world_retain, WORLD_RETAIN)
         random_only = {"coefficient_mode": "absolute", "target_distribution": "uniform"}
         changed = [k for k, v in random_only.items() if getattr(self, k) != v]
         if self.target != "random" and changed:
@@ -265,20 +275,23 @@ GENERIC_RETAIN = ("an image", "a picture", "A image in style.", "style artwork",
 
 #: What hirm-r's ``default`` changes from ``paper``, for styles and objects (nudity keeps ``paper``: not measured).
 #: Chosen on the dev concepts only (docs/hirm.md, "Choosing `default` on dev"; benchmarks/hirm_default_search.py):
-#: - the target is scale-free: a zero-mean Gaussian direction whose norm is ``coefficient`` (1) times the norm of
+#: - the target is scale-free: a zero-mean Gaussian direction whose norm is ``coefficient`` (2) times the norm of
 #:   the concept's own frozen activation, instead of U(0, 1) scaled to norm 5000 (190 times MiniCanvas's
 #:   activation, a different multiple on every encoder);
 #: - the loss reads the encoder's output (``last_hidden_state``, what the denoiser reads) rather than the last
 #:   block's attention ``out_proj``;
-#: - the generic prompts above and the empty prompt are preserved at weight 20;
-#: - lr 1e-4 and the steps the leaderboard's dev sweep chose by its rule (docs/leaderboard.md): 100 for styles, 50
-#:   for objects (the paper: 20 / 15 at 5e-5). More steps erase more and cost retention (the dev frontier).
+#: - preserved at weight 20: the generic prompts above, the empty prompt and, for MiniCanvas targets, every other
+#:   MiniCanvas concept as a bare name (``world_retain="all"``: the world's analogue of the concept lists SPEED
+#:   and UCE retain; on other models pass your own ``retain_prompts``);
+#: - lr 1e-4 and the steps the leaderboard's dev sweep chose by its rule (docs/leaderboard.md; the paper: 20 / 15
+#:   at 5e-5). More steps erase more and cost retention (the dev frontier).
 _DEFAULT_TYPED = {
     "coefficient_mode": "relative",
-    "coefficient": 1.0,
+    "coefficient": 2.0,
     "target_distribution": "gaussian",
     "supervision": "last_hidden_state",
     "retain_prompts": GENERIC_RETAIN,
+    "world_retain": "all",
     "preserve_unconditional": True,
     "preserve_weight": 20.0,
     "lr": 1e-4,

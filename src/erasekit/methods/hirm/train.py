@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from erasekit.errors import ErasekitError
+from erasekit.methods._closed_form import world_kind_mates, world_other_kind
 from erasekit.methods.hirm.config import HirmConfig
 from erasekit.methods.hirm.targets import (
     concept_prompts,
@@ -126,6 +127,17 @@ def _mse(act: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) 
     return (sq * weights).sum() / (weights.sum() * act.shape[-1])
 
 
+def retain_texts(concepts: Sequence[str], config: HirmConfig) -> tuple[str, ...]:
+    """The preserved prompts: ``retain_prompts``, then (``world_retain``) the MiniCanvas kind-mates of the
+    concepts and (``"all"``) the concepts of the other kind, then (``preserve_unconditional``) ``""``; each
+    once, in that order."""
+    mates = world_kind_mates(concepts) if config.world_retain != "none" else ()
+    if config.world_retain == "all":
+        mates += world_other_kind(concepts)
+    empty = ("",) if config.preserve_unconditional else ()
+    return tuple(dict.fromkeys((*config.retain_prompts, *mates, *empty)))
+
+
 def build_batch(
     encoder: torch.nn.Module, tokenizer: Any, concepts: Sequence[str], config: HirmConfig
 ) -> Batch:
@@ -137,7 +149,7 @@ def build_batch(
     prompts = concept_prompts(concepts, config)
     point = supervision_point(encoder, config.supervision)
     length = padded_length(encoder, tokenizer)
-    retain = config.retain_prompts + (("",) if config.preserve_unconditional else ())
+    retain = retain_texts(concepts, config)
     ids, real = tokenize(tokenizer, prompts.texts + retain, length)
     targets = concept_targets(encoder, tokenizer, prompts, config, point, length)
     keep_point = supervision_point(encoder, config.preserve_at) if config.preserve_at else point
