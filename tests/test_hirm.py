@@ -268,6 +268,12 @@ def test_world_retain_keeps_the_targets_minicanvas_kind_mates(tok):
     assert every.input_ids.tolist() == ids_of(tok, ["mosaic", "a dog", *mates, *OBJECT_NAMES, ""]).tolist()
     with pytest.raises(ValueError, match="world_retain"):
         HirmConfig(world_retain="everything")
+    # multi="average" trains one concept at a time: no run may keep another erased concept
+    from erasekit.methods.hirm import per_concept_config
+
+    single = per_concept_config(["mosaic", "sketch"], dataclasses.replace(config, multi="average"))
+    assert single.world_retain == "none" and "a dog" in single.retain_prompts
+    assert set(single.retain_prompts) == {"a dog", *mates} - {"sketch"}
 
 
 def test_nudity_safe_misdirection_target_is_built_from_pairs(tok):

@@ -11,6 +11,7 @@ Layout: ``config`` (dataclasses, presets), ``targets`` (prompts, hook, targets),
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from erasekit.methods.hirm.config import (
     HirmSConfig,
     presets,
 )
-from erasekit.methods.hirm.train import TrainResult, trained
+from erasekit.methods.hirm.train import TrainResult, trained, world_prompts
 from erasekit.patch import Patch
 from erasekit.registry import Strength, register
 
@@ -46,9 +47,19 @@ def erase_hirm(
         method: the registry name recorded in the patch.
     """
     if config.multi == "average" and len(concepts) > 1:
-        parts = [_erase_joint(model, [c], config, method) for c in concepts]
+        single = per_concept_config(concepts, config)
+        parts = [_erase_joint(model, [c], single, method) for c in concepts]
         return Patch.compose(parts, merge="mean")
     return _erase_joint(model, concepts, config, method)
+
+
+def per_concept_config(concepts: Sequence[str], config: HirmConfig) -> HirmConfig:
+    """The config of each one-concept run of ``multi="average"``: the world prompts of *all* the concepts made
+    explicit, so that no run keeps another erased concept at its frozen value."""
+    if config.world_retain == "none":
+        return config
+    kept = tuple(dict.fromkeys((*config.retain_prompts, *world_prompts(concepts, config))))
+    return dataclasses.replace(config, retain_prompts=kept, world_retain="none")
 
 
 def _erase_joint(model: LoadedModel, concepts: Sequence[str], config: HirmConfig, method: str) -> Patch:

@@ -127,13 +127,17 @@ def _mse(act: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) 
     return (sq * weights).sum() / (weights.sum() * act.shape[-1])
 
 
-def retain_texts(concepts: Sequence[str], config: HirmConfig) -> tuple[str, ...]:
-    """The preserved prompts: ``retain_prompts``, then (``world_retain``) the MiniCanvas kind-mates of the
-    concepts and (``"all"``) the concepts of the other kind, then (``preserve_unconditional``) ``""``; each
-    once, in that order."""
+def world_prompts(concepts: Sequence[str], config: HirmConfig) -> tuple[str, ...]:
+    """What ``world_retain`` adds for ``concepts``: the MiniCanvas kind-mates (none of the concepts among them)
+    and, with ``"all"``, the concepts of the other kind."""
     mates = world_kind_mates(concepts) if config.world_retain != "none" else ()
-    if config.world_retain == "all":
-        mates += world_other_kind(concepts)
+    return mates + world_other_kind(concepts) if config.world_retain == "all" else mates
+
+
+def retain_texts(concepts: Sequence[str], config: HirmConfig) -> tuple[str, ...]:
+    """The preserved prompts: ``retain_prompts``, then :func:`world_prompts`, then (``preserve_unconditional``)
+    ``""``; each once, in that order."""
+    mates = world_prompts(concepts, config)
     empty = ("",) if config.preserve_unconditional else ()
     return tuple(dict.fromkeys((*config.retain_prompts, *mates, *empty)))
 
