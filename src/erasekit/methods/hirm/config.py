@@ -283,8 +283,9 @@ GENERIC_RETAIN = ("an image", "a picture", "A image in style.", "style artwork",
 #: - preserved at weight 20: the generic prompts above, the empty prompt and, for MiniCanvas targets, every other
 #:   MiniCanvas concept as a bare name (``world_retain="all"``: the world's analogue of the concept lists SPEED
 #:   and UCE retain; on other models pass your own ``retain_prompts``);
-#: - lr 1e-4 and the steps the leaderboard's dev sweep chose by its rule (docs/leaderboard.md; the paper: 20 / 15
-#:   at 5e-5). More steps erase more and cost retention (the dev frontier).
+#: - lr 1e-4 and the steps the leaderboard's dev sweep chose by its rule: 75 for styles, 50 for objects
+#:   (docs/hirm.md, docs/leaderboard.md; the paper: 20 / 15 at 5e-5). More steps erase more and cost
+#:   retention (the dev frontier).
 _DEFAULT_TYPED = {
     "coefficient_mode": "relative",
     "coefficient": 2.0,
@@ -296,4 +297,4 @@ _DEFAULT_TYPED = {
     "preserve_weight": 20.0,
     "lr": 1e-4,
 }
-HIRM_R_DEFAULT = {"style": {**_DEFAULT_TYPED, "steps": 100}, "object": {**_DEFAULT_TYPED, "steps": 50}}
+HIRM_R_DEFAULT = {"style": {**_DEFAULT_TYPED, "steps": 75}, "object": {**_DEFAULT_TYPED, "steps": 50}}
