@@ -137,6 +137,19 @@ def weight_patch(model: LoadedModel, layers: dict[str, nn.Linear], new: dict[str
     return Patch.from_tensors(model, "unet", values)
 
 
+def _world_kinds(concepts: Sequence[str]) -> tuple[tuple, tuple, set[str]] | None:
+    """(the concepts' MiniCanvas kind, the other kind, the erased names), or ``None`` unless every one of
+    ``concepts`` is a MiniCanvas concept (canonical name, case-insensitive) and all are of one kind."""
+    from erasekit.minicanvas.world import OBJECTS, STYLES
+
+    by_name = {c.name: c for c in OBJECTS + STYLES}
+    found = [by_name.get(c.strip().lower()) for c in concepts]
+    if not found or None in found or len({c.kind for c in found}) != 1:
+        return None
+    own, other = (OBJECTS, STYLES) if found[0].kind == "object" else (STYLES, OBJECTS)
+    return own, other, {c.name for c in found}
+
+
 def world_kind_mates(concepts: Sequence[str]) -> tuple[str, ...]:
     """The other MiniCanvas concepts of the concepts' kind, or ``()`` unless all are MiniCanvas concepts of one kind.
 
@@ -144,23 +157,15 @@ def world_kind_mates(concepts: Sequence[str]) -> tuple[str, ...]:
     instances) on MiniCanvas: the method sees only the concept strings, so a concept counts as MiniCanvas's
     when its canonical name (case-insensitive) is one of the world's.
     """
-    from erasekit.minicanvas.world import OBJECTS, STYLES
-
-    by_name = {c.name: c for c in OBJECTS + STYLES}
-    found = [by_name.get(c.strip().lower()) for c in concepts]
-    if not found or None in found or len({c.kind for c in found}) != 1:
+    kinds = _world_kinds(concepts)
+    if kinds is None:
         return ()
-    kind = OBJECTS if found[0].kind == "object" else STYLES
-    erased = {c.name for c in found}
-    return tuple(c.name for c in kind if c.name not in erased)
+    own, _, erased = kinds
+    return tuple(c.name for c in own if c.name not in erased)
 
 
 def world_other_kind(concepts: Sequence[str]) -> tuple[str, ...]:
     """The MiniCanvas concepts of the *other* kind (styles for objects, objects for styles), under the same
     condition as :func:`world_kind_mates`: every one of ``concepts`` a MiniCanvas concept of one kind."""
-    from erasekit.minicanvas.world import OBJECTS, STYLES
-
-    if not world_kind_mates(concepts):
-        return ()
-    first = concepts[0].strip().lower()
-    return tuple(c.name for c in (STYLES if any(o.name == first for o in OBJECTS) else OBJECTS))
+    kinds = _world_kinds(concepts)
+    return () if kinds is None else tuple(c.name for c in kinds[1])
