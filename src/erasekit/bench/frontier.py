@@ -32,17 +32,22 @@ def frontier_png(board: Board, tuned: dict[str, Part]) -> bytes | None:
     from erasekit.evaluation.report import figure_png
 
     stats = aggregate(board)
+    # one fixed colour and marker per method (the same in both panels); the ring markers must not advance the
+    # axes' colour cycle, or two methods end up with one colour
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    style = {m: (palette(i % palette.N), "osD^v"[i // palette.N % 5]) for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, len(KINDS), figsize=(12, 5), dpi=100, sharey=True)
     for ax, kind in zip(axes, KINDS):
         for method in methods:
             pts = frontier_points(board, method, kind)
             if not pts:
                 continue
-            (line,) = ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", ms=4, label=method)
+            color, marker = style[method]
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker=marker, ms=4, color=color, label=method)
             ringed = _tuned_label(tuned.get(method), kind)
             for label, x, y in pts:
                 if label == ringed:
-                    ax.plot([x], [y], marker="o", ms=11, mfc="none", mec=line.get_color(), mew=2)
+                    ax.plot([x], [y], marker="o", ms=11, mfc="none", mec=color, mew=2)
         base = stats[BASE][kind]
         if base["n"] and base["IRA"].mean is not None:
             ax.plot([(base["IRA"].mean + base["CRA"].mean) / 2], [base["UA"].mean], marker="*", ms=14, color="black",
