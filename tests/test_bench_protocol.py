@@ -165,3 +165,15 @@ def test_every_registered_knob_builds_a_valid_config_at_every_grid_point():
             for kind in ("style", "object"):
                 config = part.config(kind)  # a value the config refuses raises here
                 assert getattr(config, knob.field) == dict(part.overrides)[knob.field]
+
+
+def test_every_method_of_a_frontier_plot_has_its_own_colour_and_marker():
+    from erasekit.bench.frontier import frontier_styles
+    from erasekit.registry import list_methods
+
+    for methods in (["hirm-r", "uce", "speed", "rece", "mace-cfr", "leace"], list(list_methods())):
+        styles = frontier_styles(methods)
+        assert set(styles) == set(methods)
+        assert len(set(styles.values())) == len(methods)
+    # the same method keeps its style when the plot is drawn again
+    assert frontier_styles(["a", "b"]) == frontier_styles(["a", "b"])

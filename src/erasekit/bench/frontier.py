@@ -32,10 +32,7 @@ def frontier_png(board: Board, tuned: dict[str, Part]) -> bytes | None:
     from erasekit.evaluation.report import figure_png
 
     stats = aggregate(board)
-    # one fixed colour and marker per method (the same in both panels); the ring markers must not advance the
-    # axes' colour cycle, or two methods end up with one colour
-    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    style = {m: (palette(i % palette.N), "osD^v"[i // palette.N % 5]) for i, m in enumerate(methods)}
+    style = frontier_styles(methods)
     fig, axes = plt.subplots(1, len(KINDS), figsize=(12, 5), dpi=100, sharey=True)
     for ax, kind in zip(axes, KINDS):
         for method in methods:
@@ -59,6 +56,18 @@ def frontier_png(board: Board, tuned: dict[str, Part]) -> bytes | None:
     axes[-1].legend(fontsize=7, loc="lower left", ncol=2)
     fig.tight_layout()
     return figure_png(fig)
+
+
+def frontier_styles(methods: list[str]) -> dict[str, tuple[tuple[float, ...], str]]:
+    """One fixed (RGBA colour, marker) per method, distinct for up to 100 methods and the same in every panel.
+
+    Set explicitly because the ring markers of the tuned points would otherwise advance matplotlib's colour
+    cycle, and two methods would end up with one colour.
+    """
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: (tuple(palette(i % palette.N)), "osD^v"[i // palette.N % 5]) for i, m in enumerate(methods)}
 
 
 def _parts(label: str) -> list[Part]:
