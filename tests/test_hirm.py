@@ -260,7 +260,8 @@ def test_world_retain_keeps_the_targets_minicanvas_kind_mates(tok):
     mates = [s for s in STYLE_NAMES if s != "mosaic"]
     assert len(mates) == 11
     assert batch.input_ids.tolist() == ids_of(tok, ["mosaic", "a dog", *mates, ""]).tolist()
-    assert torch.equal(batch.targets[2], hooked(enc, ids_of(tok, [mates[0]]), batch.point)[0])
+    # computed in the batch against alone: equal up to the CPU kernels' batch-size rounding
+    torch.testing.assert_close(batch.targets[2], hooked(enc, ids_of(tok, [mates[0]]), batch.point)[0])
     # a concept outside MiniCanvas has no kind-mates: only what was given
     other = build_batch(enc, tok, ["Van Gogh"], config)
     assert other.input_ids.tolist() == ids_of(tok, ["Van Gogh", "a dog", ""]).tolist()
