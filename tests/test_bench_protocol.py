@@ -92,7 +92,7 @@ def test_the_sweep_chooses_tuned_on_dev_and_the_test_shows_both(board):
     assert all(len(c.per_seed) == 2 for c in result.test.cells)  # two evaluation seeds per cell
     text = (out / "leaderboard.md").read_text()
     for needle in ("## Protocol", "## Test Styles: pixel", "## Tuned settings", "uce: `erase_scale`",
-                   "![frontiers](frontier.png)", "Wall time of the whole bench"):  # fmt: skip
+                   "![frontiers](frontier.png)", "Time of the whole bench"):  # fmt: skip
         assert needle in text, needle
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert "UA against retention" in (out / "report.html").read_text()
@@ -114,6 +114,43 @@ def test_a_rerun_resumes_without_work(board, monkeypatch):
     assert {c.entry for c in again.test.cells} == {c.entry for c in result.test.cells}
     sessions = json.loads((out / "timing.json").read_text())["sessions"]
     assert len(sessions) == 2
+
+
+def test_the_bench_time_counts_overlapping_shards_once_in_wall_time():
+    from erasekit.bench.layout import Timing
+
+    sessions = [
+        {"start": "2026-12-02 10:00:00", "seconds": 600.0, "ran": True},  # shard 1 of 2
+        {"start": "2026-12-02 10:00:00", "seconds": 900.0, "ran": True},  # shard 2 of 2, alongside
+        {
+            "start": "2026-12-02 10:10:00",
+            "seconds": 600.0,
+            "ran": True,
+        },  # shard 1 again, inside shard 2's span
+        {"start": "2026-12-02 12:00:00", "seconds": 60.0, "ran": True},  # a later run
+        {"start": "2026-12-02 13:00:00", "seconds": 5.0, "ran": False},  # --table-only
+    ]
+    assert Timing.of(sessions) == Timing(wall=1200.0 + 60.0, process=2160.0)
+    assert Timing.of([]) == Timing(wall=0.0, process=0.0)
+
+
+def _record_many(args):
+    from erasekit.bench.layout import record_session
+
+    file, k = args
+    for i in range(25):
+        record_session(file, 1_700_000_000 + 1000 * k + i, 1.0, True)
+
+
+def test_shards_recording_their_time_at_once_lose_no_session(tmp_path):
+    import multiprocessing
+
+    file = tmp_path / "timing.json"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:  # four processes read-modify-write one file
+        pool.map(_record_many, [(file, k) for k in range(4)])
+    data = json.loads(file.read_text())
+    assert len(data["sessions"]) == 100
+    assert data["process_seconds"] == 100.0
 
 
 def test_a_results_copy_carries_the_finished_cells_to_a_new_directory(board, tmp_path, monkeypatch):

@@ -46,6 +46,24 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, dumps_json(obj))
 
 
+@contextlib.contextmanager
+def locked(directory: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``directory`` while the block runs, for a read-modify-write that other
+    processes (the shards of one bench) may do at the same time. ``flock`` on the directory's own descriptor, so
+    no lock file is left behind; where ``fcntl`` does not exist (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Refuse an existing, non-empty output directory unless ``overwrite`` is set."""
     path = Path(path)
