@@ -270,14 +270,23 @@ class Layout:
 
     # ---- the directory -----------------------------------------------------------------------------
 
-    def open(self, identity: dict[str, Any], overwrite: bool = False) -> Layout:
-        """Create or resume the directory for results identified by ``identity``.
+    def open(
+        self, identity: dict[str, Any], overwrite: bool = False, results: str | Path | None = None
+    ) -> Layout:
+        """Create or resume the directory for results identified by ``identity``, then take the finished cells of
+        the results copy ``results`` (:meth:`take_results`), if one is given.
 
         A directory holding results of another model or other evaluation settings is refused (unless
-        ``overwrite``, which deletes it first); one that is not a leaderboard is always refused.
+        ``overwrite``, which deletes it first); one that is not a leaderboard is always refused. ``overwrite``
+        with a results copy is refused too: the copy would put back the very cells ``overwrite`` asks to recompute.
         """
         import shutil
 
+        if overwrite and results is not None:
+            raise ErasekitError(
+                "--overwrite deletes --out, but --results would copy its finished cells straight back: to "
+                "recompute them, give --results a new directory or leave it out"
+            )
         out = self.root
         if out.exists() and not out.is_dir():
             raise ErasekitError(f"output {out} exists and is not a directory")
@@ -293,6 +302,8 @@ class Layout:
                     f"{out} holds a leaderboard of another model or settings; use another --out or --overwrite"
                 )
         out.mkdir(parents=True, exist_ok=True)
+        if results is not None:
+            self.take_results(Path(results), identity)
         return self
 
     def write_bench_file(self, identity: dict[str, Any], run: dict[str, Any]) -> None:

@@ -97,9 +97,7 @@ def run_leaderboard(
                 "classifier_sha256": model_fingerprint({"classifier": classifier.module}),
                 "settings": asdict(settings), "sweep_settings": asdict(sweep_settings),
                 "sampling": asdict(settings.sampling(model)), "split_seed": split.seed}  # fmt: skip
-    layout = Layout(Path(out)).open(identity, overwrite)
-    if results is not None:
-        layout.take_results(Path(results), identity)
+    layout = Layout(Path(out)).open(identity, overwrite, results)
     layout.write_bench_file(identity, {"model": model.source, "classifier": classifier.source, "methods": list(methods),
                                        "stacks": list(stacks), "dev": list(split.dev), "test": list(split.test),
                                        "attacks": [a.label for a in attacks], "command": command})  # fmt: skip
