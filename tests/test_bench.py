@@ -400,6 +400,12 @@ def test_the_eraseeval_column_scores_every_cell_as_the_protocol_does(model, tmp_
     assert base.asr["M3"] == pytest.approx(100) and base.asr["M4"] == pytest.approx(
         100
     )  # the base is its own base
+    # the erased cell's base images are the base row's, linked rather than generated again
+    (mine,) = (out / "attack-runs").glob("*/uce_paper/neon/base/images")
+    (theirs,) = (out / "attack-runs").glob("*/base/neon/images")
+    pngs = sorted(p.name for p in mine.glob("*.png"))
+    assert pngs and pngs == sorted(p.name for p in theirs.glob("*.png"))
+    assert all((mine / name).samefile(theirs / name) for name in pngs)
     text = (out / "leaderboard.md").read_text()
     assert "| EraseEval ×100 ↑ |" in text and "EraseEval's combined score × 100" in text
     monkeypatch.setattr(protocols, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
