@@ -276,9 +276,12 @@ def test_a_directory_of_other_settings_or_content_is_refused(finished, tmp_path)
     (tmp_path / "x" / "notes.txt").write_text("mine")
     with pytest.raises(ErasekitError, match="not an erasekit leaderboard"):
         Layout(tmp_path / "x").open(identity, overwrite=True)
+    Layout(out).give_results(tmp_path / "copy", identity)
     with pytest.raises(ErasekitError, match="copy its finished cells straight back"):
         Layout(out).open(identity, overwrite=True, results=tmp_path / "copy")
     assert (out / "bench.json").is_file()  # refused before anything was deleted
+    fresh = Layout(tmp_path / "again").open(identity, overwrite=True, results=tmp_path / "new-copy")
+    assert fresh.root.is_dir()  # a copy that holds nothing yet puts nothing back
 
 
 def test_concepts_off_the_grid_are_refused(model, tmp_path):

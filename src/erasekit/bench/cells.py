@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from erasekit.bench.attacks import ERASEEVAL
 from erasekit.bench.entries import Entry, Part, check_stack
-from erasekit.bench.layout import AttackCell, Cell, Layout, Scores, read_json
+from erasekit.bench.layout import AttackCell, Cell, Layout, Scores
 from erasekit.bench.memory import PeakMemory
 from erasekit.errors import ErasekitError
-from erasekit.io import atomic_write_json
+from erasekit.io import atomic_write_json, read_json
 
 if TYPE_CHECKING:
     from erasekit.bench.attacks import BenchAttack

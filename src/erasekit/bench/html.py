@@ -25,7 +25,7 @@ from erasekit.evaluation.report import data_uri, figure_png, html_page, html_tab
 from erasekit.io import atomic_write_text
 
 if TYPE_CHECKING:
-    from erasekit.bench.layout import Timing
+    from erasekit.bench.timing import Timing
 
 IMAGES_PER_SET = 4
 

@@ -24,23 +24,19 @@ images for them, and a tuned row or an attack re-erases its patch.
 
 from __future__ import annotations
 
-import calendar
 import dataclasses
-import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from erasekit.bench.entries import Part
+from erasekit.bench.timing import TIMING_FILE, merge_timing
 from erasekit.concepts import slug
 from erasekit.errors import ErasekitError
-from erasekit.io import atomic_write_bytes, atomic_write_json, locked
+from erasekit.io import atomic_write_bytes, atomic_write_json, normal, read_json
 
 BENCH_FILE = "bench.json"
-TIMING_FILE = "timing.json"
-START_FORMAT = "%Y-%m-%d %H:%M:%S"  # a session's start in timing.json, UTC
 # The files a results copy keeps (relative to the leaderboard directory); timing.json is merged, not copied.
 RESULT_FILES = ("bench.json", "tuned.json", "cells/*/*.json", "attacks/*/*/*.json", "patches/*/*.json")
 RESULT_PAGES = ("leaderboard.md", "frontier.png")
@@ -278,15 +274,11 @@ class Layout:
 
         A directory holding results of another model or other evaluation settings is refused (unless
         ``overwrite``, which deletes it first); one that is not a leaderboard is always refused. ``overwrite``
-        with a results copy is refused too: the copy would put back the very cells ``overwrite`` asks to recompute.
+        with a results copy that holds results is refused too (:func:`check_overwrite`).
         """
         import shutil
 
-        if overwrite and results is not None:
-            raise ErasekitError(
-                "--overwrite deletes --out, but --results would copy its finished cells straight back: to "
-                "recompute them, give --results a new directory or leave it out"
-            )
+        check_overwrite(overwrite, results)
         out = self.root
         if out.exists() and not out.is_dir():
             raise ErasekitError(f"output {out} exists and is not a directory")
@@ -354,84 +346,19 @@ class Layout:
         return given
 
 
+def check_overwrite(overwrite: bool, results: str | Path | None) -> None:
+    """Refuse ``overwrite`` with a results copy that holds results: it would put back the very cells
+    ``overwrite`` asks to recompute (a new or empty copy is fine)."""
+    if overwrite and results is not None and Path(results).is_dir() and any(Path(results).iterdir()):
+        raise ErasekitError(
+            f"--overwrite deletes --out, but --results {results} would copy its finished cells straight back: "
+            "drop one of the two, or give --results a new directory"
+        )
+
+
 def _check_results(results: Path, identity: dict[str, Any]) -> None:
     file = results / BENCH_FILE
     if not results.is_dir() or not file.is_file():
         raise ErasekitError(f"{results} is not an erasekit results copy (no {BENCH_FILE})")
     if read_json(file).get("identity") != normal(identity):
         raise ErasekitError(f"results copy {results} holds a leaderboard of another model or settings")
-
-
-def merge_timing(into: Path, other: Path) -> None:
-    """Add to ``into``'s timing record the invocations of ``other``'s that it lacks (by start time and length)."""
-    if not other.is_file():
-        return
-    theirs = read_json(other).get("sessions", [])
-    into.parent.mkdir(parents=True, exist_ok=True)
-    with locked(into.parent):
-        mine = read_json(into)["sessions"] if into.is_file() else []
-        seen = {(s["start"], s["seconds"]) for s in mine}
-        added = [s for s in theirs if (s["start"], s["seconds"]) not in seen]
-        if added or not into.is_file():
-            _write_timing(into, [*mine, *added])
-
-
-def record_session(file: Path, started: float, seconds: float, ran: bool) -> None:
-    """Append one invocation (start as a UTC epoch time, its length, whether it ran anything) to ``file``."""
-    session = {
-        "start": time.strftime(START_FORMAT, time.gmtime(started)),
-        "seconds": round(seconds, 1),
-        "ran": ran,
-    }
-    with locked(file.parent):  # the shards of one bench end at about the same time
-        _write_timing(file, [*(read_json(file)["sessions"] if file.is_file() else []), session])
-
-
-@dataclass(frozen=True)
-class Timing:
-    """How long a bench directory took: ``wall`` elapsed seconds (invocations that overlapped, as shards do,
-    counted once) and ``process`` seconds (every invocation added up). Table-only invocations are left out."""
-
-    wall: float
-    process: float
-
-    @classmethod
-    def of(cls, sessions: Sequence[Mapping[str, Any]]) -> Timing:
-        spans = sorted(
-            (start, start + s["seconds"])
-            for s in sessions
-            if s["ran"]
-            for start in [calendar.timegm(time.strptime(s["start"], START_FORMAT))]
-        )
-        wall, end = 0.0, float("-inf")
-        for a, b in spans:
-            wall += max(0.0, b - max(a, end))
-            end = max(end, b)
-        return cls(wall=round(wall, 1), process=round(sum(b - a for a, b in spans), 1))
-
-    @classmethod
-    def read(cls, file: Path) -> Timing | None:
-        return cls.of(read_json(file)["sessions"]) if file.is_file() else None
-
-    def describe(self) -> str:
-        return (f"{self.wall / 3600:.2f} h elapsed (invocations that ran at the same time, as shards do, counted "
-                f"once), {self.process / 3600:.2f} h of process time (every invocation added up)")  # fmt: skip
-
-
-def _write_timing(file: Path, sessions: list[dict[str, Any]]) -> None:
-    sessions = sorted(sessions, key=lambda s: s["start"])
-    timing = Timing.of(sessions)
-    atomic_write_json(file, normal({"sessions": sessions, "wall_seconds": timing.wall,
-                                    "process_seconds": timing.process}))  # fmt: skip
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ErasekitError(f"cannot read {path}: {e}") from None
-
-
-def normal(obj: Any) -> Any:
-    """``obj`` as it reads back from JSON (tuples become lists, keys sorted)."""
-    return json.loads(json.dumps(obj, sort_keys=True))

@@ -11,8 +11,8 @@ Stages (each skips what is finished, so a restart resumes):
 4. **Attacks**: every test row faces every attack column, with the same budget.
 
 ``DIR/leaderboard.md`` and ``DIR/report.html`` show the split, the rule, the dev frontiers (``DIR/frontier.png``),
-the test tables and the attack tables; ``DIR/timing.json`` records every invocation, and the pages give the
-elapsed time (overlapping shards counted once) and the process time (every invocation added up).
+the test tables and the attack tables; ``DIR/timing.json`` records every invocation (:mod:`erasekit.bench.timing`),
+and the pages give the elapsed time (shards side by side counted once) and the time summed over invocations.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from erasekit.bench.cells import Bench, BenchSettings, Log
 from erasekit.bench.entries import BASE, TUNED, Entry, Part, check_stack, parse_entries
-from erasekit.bench.layout import TIMING_FILE, Layout, Timing, record_session
+from erasekit.bench.layout import Layout
 from erasekit.bench.protocol import Point, Split, operating_point, sweep_entries, write_tuned
+from erasekit.bench.timing import TIMING_FILE, Timing, record_session
 from erasekit.errors import ErasekitError
 from erasekit.io import atomic_write_bytes, atomic_write_text
 

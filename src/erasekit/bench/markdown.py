@@ -17,7 +17,7 @@ from erasekit.bench.aggregate import (
 )
 
 if TYPE_CHECKING:
-    from erasekit.bench.layout import Timing
+    from erasekit.bench.timing import Timing
 
 MEANINGS = (
     "UA (unlearning accuracy): percent of the target's grid images the classifier no longer labels as the target.",

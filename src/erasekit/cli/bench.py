@@ -91,10 +91,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 def _bench_model(args: argparse.Namespace) -> LoadedModel:
     """Check the flags both bench forms share, set the thread count and load the model (a full pipeline)."""
+    from erasekit.bench.layout import check_overwrite
     from erasekit.models.loading import load
 
     if args.table_only and args.overwrite:
         raise ErasekitError("--table-only reads the finished cells; --overwrite would delete them")
+    check_overwrite(args.overwrite, args.results)  # before the model loads, which takes a while
     if args.threads is not None:
         import torch
 

@@ -20,8 +20,8 @@ caption and CLIP embeddings; the world's prompts replace the LLM-written ones:
 
 The base model's images are generated into ``OUT/base/`` (a resumable sub-run) after the erased model's, with
 the same prompts and seeds; a run without patches is its own base, and one given ``base_images`` (a finished run
-of the unpatched model, as the bench's base row is) links that run's images instead of generating them again. ``metrics.json`` holds ``EraseEval`` (the combined score, in [0, 1]), ``M1``..``M4``
-and ``details``.
+of the unpatched model, as the bench's base row is) links that run's images instead of generating them again.
+``metrics.json`` holds ``EraseEval`` (the combined score, in [0, 1]), ``M1``..``M4`` and ``details``.
 """
 
 from __future__ import annotations
@@ -140,6 +140,11 @@ def run_eraseeval(
     run_id = {**identity("eraseeval", config, model, options, sampling), "objects": objs, "styles": stys,
               "target_type": kind, "classifier": classifier.source}  # fmt: skip
     base_id = {k: v for k, v in run_id.items() if k not in ("patches", "merge")}
+    if options.base_images is not None and options.patches:  # checked now, before any image is made
+        from erasekit.evaluation.record import model_fingerprint
+        from erasekit.evaluation.run import check_reuse
+
+        check_reuse(options.base_images, model_fingerprint(model.components), [], sampling)
 
     def score(entries: list[dict[str, Any]], patch: Any) -> dict[str, Any]:
         if patch is None:  # the base model itself: its images are the base images
@@ -166,14 +171,12 @@ def _base_entries(
     options: RunOptions,
 ) -> list[dict[str, Any]]:
     """The base model's images of ``jobs`` in ``out`` (called while scoring, when no patch is applied); those
-    that ``options.base_images``, a finished run of the unpatched model, already holds are linked from it."""
+    that ``options.base_images``, a finished run of the unpatched model (checked by the caller), already holds
+    are linked from it."""
     from erasekit.evaluation import record as rec
-    from erasekit.evaluation.run import check_reuse
     from erasekit.evaluation.runner import generate, reuse_images
     from erasekit.generation import FAST
 
-    if options.base_images is not None:
-        check_reuse(options.base_images, rec.model_fingerprint(model.components), [], sampling)
     rec.prepare_run(out, {"base_of": base_id}, options.overwrite)
     if options.base_images is not None:
         reuse_images(out, jobs, sampling, options.base_images)
