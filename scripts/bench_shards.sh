@@ -28,6 +28,10 @@ for ((i = 0; i < ${#args[@]}; i++)); do
             echo "bench_shards.sh sets --shard and --threads itself; drop ${args[i]}" >&2
             exit 2
             ;;
+        --overwrite)
+            echo "bench_shards.sh retries each shard, and a retry with --overwrite would delete the other shards' cells: delete --out first instead" >&2
+            exit 2
+            ;;
     esac
 done
 if [[ -z "$out" ]]; then

@@ -276,6 +276,12 @@ def test_a_directory_of_other_settings_or_content_is_refused(finished, tmp_path)
     (tmp_path / "x" / "notes.txt").write_text("mine")
     with pytest.raises(ErasekitError, match="not an erasekit leaderboard"):
         Layout(tmp_path / "x").open(identity, overwrite=True)
+    Layout(out).give_results(tmp_path / "copy", identity)
+    with pytest.raises(ErasekitError, match="copy its finished cells straight back"):
+        Layout(out).open(identity, overwrite=True, results=tmp_path / "copy")
+    assert (out / "bench.json").is_file()  # refused before anything was deleted
+    fresh = Layout(tmp_path / "again").open(identity, overwrite=True, results=tmp_path / "new-copy")
+    assert fresh.root.is_dir()  # a copy that holds nothing yet puts nothing back
 
 
 def test_concepts_off_the_grid_are_refused(model, tmp_path):
@@ -397,6 +403,12 @@ def test_the_eraseeval_column_scores_every_cell_as_the_protocol_does(model, tmp_
     assert base.asr["M3"] == pytest.approx(100) and base.asr["M4"] == pytest.approx(
         100
     )  # the base is its own base
+    # the erased cell's base images are the base row's, linked rather than generated again
+    (mine,) = (out / "attack-runs").glob("*/uce_paper/neon/base/images")
+    (theirs,) = (out / "attack-runs").glob("*/base/neon/images")
+    pngs = sorted(p.name for p in mine.glob("*.png"))
+    assert pngs and pngs == sorted(p.name for p in theirs.glob("*.png"))
+    assert all((mine / name).samefile(theirs / name) for name in pngs)
     text = (out / "leaderboard.md").read_text()
     assert "| EraseEval ×100 ↑ |" in text and "EraseEval's combined score × 100" in text
     monkeypatch.setattr(protocols, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))

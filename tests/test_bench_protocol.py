@@ -92,7 +92,7 @@ def test_the_sweep_chooses_tuned_on_dev_and_the_test_shows_both(board):
     assert all(len(c.per_seed) == 2 for c in result.test.cells)  # two evaluation seeds per cell
     text = (out / "leaderboard.md").read_text()
     for needle in ("## Protocol", "## Test Styles: pixel", "## Tuned settings", "uce: `erase_scale`",
-                   "![frontiers](frontier.png)", "Wall time of the whole bench"):  # fmt: skip
+                   "![frontiers](frontier.png)", "Time of the whole bench"):  # fmt: skip
         assert needle in text, needle
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert "UA against retention" in (out / "report.html").read_text()
@@ -114,6 +114,52 @@ def test_a_rerun_resumes_without_work(board, monkeypatch):
     assert {c.entry for c in again.test.cells} == {c.entry for c in result.test.cells}
     sessions = json.loads((out / "timing.json").read_text())["sessions"]
     assert len(sessions) == 2
+
+
+def test_the_bench_time_counts_overlapping_shards_once_in_wall_time():
+    from erasekit.bench.timing import Timing
+
+    def session(start, seconds, ran=True):
+        return {"start": f"2026-12-02 {start}", "seconds": seconds, "ran": ran}
+
+    sessions = [
+        session("10:00:00", 600.0),  # shard 1 of 2: 10:00-10:10
+        session("10:00:00", 900.0),  # shard 2 of 2 alongside: 10:00-10:15
+        session("10:05:00", 300.0),  # a third process, inside shard 2's span
+        session("10:10:00", 600.0),  # shard 1 again, past shard 2's end: 10:10-10:20
+        session("12:00:00", 60.0),  # a later run
+        session("13:00:00", 5.0, ran=False),  # --table-only
+    ]
+    assert Timing.of(sessions) == Timing(wall=1200.0 + 60.0, summed=2460.0)
+    assert Timing.of([]) == Timing(wall=0.0, summed=0.0)
+
+
+def test_a_session_waits_for_the_lock_another_writer_holds(tmp_path):
+    import threading
+
+    from erasekit.bench.timing import record_session
+    from erasekit.io import locked
+
+    file = tmp_path / "timing.json"
+    writer = threading.Thread(target=record_session, args=(file, 1_700_000_000.0, 3.0, True))
+    with locked(tmp_path):  # another shard in the middle of its read-modify-write
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive() and not file.exists()  # it waits rather than write past the lock
+    writer.join()
+    assert json.loads(file.read_text())["summed_seconds"] == 3.0
+
+
+def test_merging_timing_records_keeps_two_shards_identical_sessions(tmp_path):
+    from erasekit.bench.timing import merge_timing, record_session
+
+    shard, copy = tmp_path / "out", tmp_path / "copy"
+    shard.mkdir()
+    for _ in range(2):  # two shards started in the same second, both ran 0.2 s
+        record_session(shard / "timing.json", 1_700_000_000.0, 0.2, True)
+    merge_timing(copy / "timing.json", shard / "timing.json")
+    merge_timing(copy / "timing.json", shard / "timing.json")  # merging again adds nothing
+    assert len(json.loads((copy / "timing.json").read_text())["sessions"]) == 2
 
 
 def test_a_results_copy_carries_the_finished_cells_to_a_new_directory(board, tmp_path, monkeypatch):

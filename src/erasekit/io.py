@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,45 @@ def dumps_json(obj: Any) -> str:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, dumps_json(obj))
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON file's content; a missing or broken file is a one-line :class:`ErasekitError`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ErasekitError(f"cannot read {path}: {e}") from None
+
+
+def normal(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists, keys sorted)."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+@contextlib.contextmanager
+def locked(directory: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``directory`` while the block runs, for a read-modify-write that other
+    processes (the shards of one bench) may do at the same time.
+
+    ``flock`` on the directory's own descriptor, so no lock file is left behind. It is not re-entrant: a nested
+    ``locked`` on the same directory in the same process waits forever. Where ``fcntl`` does not exist (Windows),
+    or the file system refuses the lock (some network file systems), the block runs unlocked, with a warning.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # pragma: no cover - depends on the file system
+            warnings.warn(f"cannot lock {directory} ({e}); writing without the lock", stacklevel=3)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:

@@ -96,9 +96,7 @@ def run_bench(
     identity = {"model_sha256": model_fingerprint(model.components),
                 "classifier_sha256": model_fingerprint({"classifier": classifier.module}),
                 "settings": asdict(settings), "sampling": asdict(settings.sampling(model))}  # fmt: skip
-    layout = Layout(Path(out)).open(identity, overwrite)
-    if results is not None:
-        layout.take_results(Path(results), identity)
+    layout = Layout(Path(out)).open(identity, overwrite, results)
     labels = [e.label for e in entries]
     labels += [label for label in not_run if label not in labels]
     layout.write_bench_file(identity, {"model": model.source, "classifier": classifier.source, "entries": labels,

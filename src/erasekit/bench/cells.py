@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from erasekit.bench.attacks import ERASEEVAL
 from erasekit.bench.entries import Entry, Part, check_stack
-from erasekit.bench.layout import AttackCell, Cell, Layout, Scores, read_json
+from erasekit.bench.layout import AttackCell, Cell, Layout, Scores
 from erasekit.bench.memory import PeakMemory
 from erasekit.errors import ErasekitError
-from erasekit.io import atomic_write_json
+from erasekit.io import atomic_write_json, read_json
 
 if TYPE_CHECKING:
     from erasekit.bench.attacks import BenchAttack
@@ -222,7 +222,8 @@ class Bench:
 
     def eraseeval_cell(self, attack: BenchAttack, entry: Entry, concept: str, kind: str) -> AttackCell:
         """The EraseEval column on one cell: the ``eraseeval`` protocol on the entry's patch (a finished run is
-        read back); its combined score and M1..M4, × 100."""
+        read back); its combined score and M1..M4, × 100. The base model's images it compares with are linked
+        from the base row's run of the same concept (the base row runs first), not generated again."""
         from erasekit.evaluation.protocols import evaluate
         from erasekit.evaluation.record import read_run
 
@@ -232,10 +233,12 @@ class Bench:
             metrics = read_run(run)["metrics"]
         else:
             patches = [self.entry_patch(entry, concept, kind)[0]] if entry.parts else []
+            base = self.layout.attack_run_dir(attack.key, Entry(()).label, concept)  # the base row's run
             self.say(f"evaluate {attack.label} on {entry.label} {concept!r}")
             metrics = evaluate(
                 self.model, ERASEEVAL, run, patches=patches, sampling=self.settings.sampling(self.model),
                 batch_size=self.batch_size, classifier=self.classifier, target=concept, **dict(attack.budget),
+                base_images=base if patches and (base / "metrics.json").is_file() else None,
             )  # fmt: skip
         scores = {k: 100 * float(metrics[k]) for k in ("EraseEval", "M1", "M2", "M3", "M4")}
         rule = f"EraseEval: the {dict(attack.budget)['combine']} mean of M1..M4, x 100"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erasekit.bench.aggregate import (
     COLUMNS,
@@ -23,6 +23,9 @@ from erasekit.bench.markdown import MEANINGS
 from erasekit.bench.sheets import SHEET_NOTE, attack_sheet
 from erasekit.evaluation.report import data_uri, figure_png, html_page, html_table, img_tag, spread
 from erasekit.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from erasekit.bench.timing import Timing
 
 IMAGES_PER_SET = 4
 
@@ -134,7 +137,7 @@ def write_protocol_html(
     test: Board,
     tuned: dict[str, Any],
     split: Any,
-    seconds: float | None,
+    timing: Timing | None,
     out_dir: Path,
     frontier: bytes | None,
     sheets: Mapping[str, bytes],
@@ -146,9 +149,9 @@ def write_protocol_html(
     from erasekit.bench.protocol import RULE, tuned_setting
 
     body = [f"<h1>{html.escape(title)}</h1>", *(f"<p>{html.escape(n)}</p>" for n in test.notes)]
-    if seconds is not None:
+    if timing is not None:
         body.append(
-            f"<p>Wall time of the whole bench (every invocation added up): {seconds / 3600:.2f} h.</p>"
+            f"<p>Time of the whole bench (sweep, test and attacks): {html.escape(timing.describe())}.</p>"
         )
     missing = len(test.missing()) + len(sweep.missing())
     if missing:

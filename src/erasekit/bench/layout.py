@@ -25,19 +25,18 @@ images for them, and a tuned row or an attack re-erases its patch.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from erasekit.bench.entries import Part
+from erasekit.bench.timing import TIMING_FILE, merge_timing
 from erasekit.concepts import slug
 from erasekit.errors import ErasekitError
-from erasekit.io import atomic_write_bytes, atomic_write_json
+from erasekit.io import atomic_write_bytes, atomic_write_json, normal, read_json
 
 BENCH_FILE = "bench.json"
-TIMING_FILE = "timing.json"
 # The files a results copy keeps (relative to the leaderboard directory); timing.json is merged, not copied.
 RESULT_FILES = ("bench.json", "tuned.json", "cells/*/*.json", "attacks/*/*/*.json", "patches/*/*.json")
 RESULT_PAGES = ("leaderboard.md", "frontier.png")
@@ -267,14 +266,19 @@ class Layout:
 
     # ---- the directory -----------------------------------------------------------------------------
 
-    def open(self, identity: dict[str, Any], overwrite: bool = False) -> Layout:
-        """Create or resume the directory for results identified by ``identity``.
+    def open(
+        self, identity: dict[str, Any], overwrite: bool = False, results: str | Path | None = None
+    ) -> Layout:
+        """Create or resume the directory for results identified by ``identity``, then take the finished cells of
+        the results copy ``results`` (:meth:`take_results`), if one is given.
 
         A directory holding results of another model or other evaluation settings is refused (unless
-        ``overwrite``, which deletes it first); one that is not a leaderboard is always refused.
+        ``overwrite``, which deletes it first); one that is not a leaderboard is always refused. ``overwrite``
+        with a results copy that holds results is refused too (:func:`check_overwrite`).
         """
         import shutil
 
+        check_overwrite(overwrite, results)
         out = self.root
         if out.exists() and not out.is_dir():
             raise ErasekitError(f"output {out} exists and is not a directory")
@@ -290,6 +294,8 @@ class Layout:
                     f"{out} holds a leaderboard of another model or settings; use another --out or --overwrite"
                 )
         out.mkdir(parents=True, exist_ok=True)
+        if results is not None:
+            self.take_results(Path(results), identity)
         return self
 
     def write_bench_file(self, identity: dict[str, Any], run: dict[str, Any]) -> None:
@@ -340,36 +346,19 @@ class Layout:
         return given
 
 
+def check_overwrite(overwrite: bool, results: str | Path | None) -> None:
+    """Refuse ``overwrite`` with a results copy that holds results: it would put back the very cells
+    ``overwrite`` asks to recompute (a new or empty copy is fine)."""
+    if overwrite and results is not None and Path(results).is_dir() and any(Path(results).iterdir()):
+        raise ErasekitError(
+            f"--overwrite deletes --out, but --results {results} would copy its finished cells straight back: "
+            "drop one of the two, or give --results a new directory"
+        )
+
+
 def _check_results(results: Path, identity: dict[str, Any]) -> None:
     file = results / BENCH_FILE
     if not results.is_dir() or not file.is_file():
         raise ErasekitError(f"{results} is not an erasekit results copy (no {BENCH_FILE})")
     if read_json(file).get("identity") != normal(identity):
         raise ErasekitError(f"results copy {results} holds a leaderboard of another model or settings")
-
-
-def merge_timing(into: Path, other: Path) -> None:
-    """Add to ``into``'s timing record the invocations of ``other``'s that it lacks (by start time and length)."""
-    if not other.is_file():
-        return
-    mine = read_json(into) if into.is_file() else {"sessions": []}
-    theirs = read_json(other)
-    seen = {(s["start"], s["seconds"]) for s in mine["sessions"]}
-    added = [s for s in theirs.get("sessions", []) if (s["start"], s["seconds"]) not in seen]
-    if not added and into.is_file():
-        return
-    mine["sessions"] = sorted([*mine["sessions"], *added], key=lambda s: s["start"])
-    mine["total_seconds"] = round(sum(s["seconds"] for s in mine["sessions"] if s["ran"]), 1)
-    atomic_write_json(into, normal(mine))
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ErasekitError(f"cannot read {path}: {e}") from None
-
-
-def normal(obj: Any) -> Any:
-    """``obj`` as it reads back from JSON (tuples become lists, keys sorted)."""
-    return json.loads(json.dumps(obj, sort_keys=True))

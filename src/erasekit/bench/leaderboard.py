@@ -11,7 +11,8 @@ Stages (each skips what is finished, so a restart resumes):
 4. **Attacks**: every test row faces every attack column, with the same budget.
 
 ``DIR/leaderboard.md`` and ``DIR/report.html`` show the split, the rule, the dev frontiers (``DIR/frontier.png``),
-the test tables and the attack tables; ``DIR/timing.json`` adds up the wall time of every invocation.
+the test tables and the attack tables; ``DIR/timing.json`` records every invocation (:mod:`erasekit.bench.timing`),
+and the pages give the elapsed time (shards side by side counted once) and the time summed over invocations.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from erasekit.bench.cells import Bench, BenchSettings, Log
 from erasekit.bench.entries import BASE, TUNED, Entry, Part, check_stack, parse_entries
-from erasekit.bench.layout import TIMING_FILE, Layout, normal, read_json
+from erasekit.bench.layout import Layout
 from erasekit.bench.protocol import Point, Split, operating_point, sweep_entries, write_tuned
+from erasekit.bench.timing import TIMING_FILE, Timing, record_session
 from erasekit.errors import ErasekitError
-from erasekit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from erasekit.io import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from erasekit.bench.aggregate import Board
@@ -96,9 +98,7 @@ def run_leaderboard(
                 "classifier_sha256": model_fingerprint({"classifier": classifier.module}),
                 "settings": asdict(settings), "sweep_settings": asdict(sweep_settings),
                 "sampling": asdict(settings.sampling(model)), "split_seed": split.seed}  # fmt: skip
-    layout = Layout(Path(out)).open(identity, overwrite)
-    if results is not None:
-        layout.take_results(Path(results), identity)
+    layout = Layout(Path(out)).open(identity, overwrite, results)
     layout.write_bench_file(identity, {"model": model.source, "classifier": classifier.source, "methods": list(methods),
                                        "stacks": list(stacks), "dev": list(split.dev), "test": list(split.test),
                                        "attacks": [a.label for a in attacks], "command": command})  # fmt: skip
@@ -189,17 +189,7 @@ def _board(
 
 def _record_time(layout: Layout, started: float, ran: bool) -> None:
     """Append this invocation to ``DIR/timing.json`` (a table-only invocation is recorded as such)."""
-    file = layout.root / TIMING_FILE
-    data = read_json(file) if file.is_file() else {"sessions": []}
-    data["sessions"].append({"start": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
-                             "seconds": round(time.time() - started, 1), "ran": ran})  # fmt: skip
-    data["total_seconds"] = round(sum(s["seconds"] for s in data["sessions"] if s["ran"]), 1)
-    atomic_write_json(file, normal(data))
-
-
-def wall_time(layout: Layout) -> float | None:
-    file = layout.root / TIMING_FILE
-    return read_json(file).get("total_seconds") if file.is_file() else None
+    record_session(layout.root / TIMING_FILE, started, time.time() - started, ran)
 
 
 def write_page(
@@ -219,10 +209,10 @@ def write_page(
     frontier = frontier_png(sweep, tuned)
     if frontier is not None:
         atomic_write_bytes(layout.root / "frontier.png", frontier)
-    seconds = wall_time(layout)
-    atomic_write_text(layout.root / "leaderboard.md", protocol_markdown(sweep, test, tuned, split, seconds))
+    timing = Timing.read(layout.root / TIMING_FILE)
+    atomic_write_text(layout.root / "leaderboard.md", protocol_markdown(sweep, test, tuned, split, timing))
     sheets = {a.label: png for a in attacks if (png := attack_sheet(test, layout.root, a.label))}
     for attack in attacks:
         if attack.label in sheets:
             atomic_write_bytes(layout.sheet_file(attack.key), sheets[attack.label])
-    write_protocol_html(sweep, test, tuned, split, seconds, layout.root, frontier, sheets)
+    write_protocol_html(sweep, test, tuned, split, timing, layout.root, frontier, sheets)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from erasekit.bench.aggregate import (
     COLUMNS,
@@ -15,6 +15,9 @@ from erasekit.bench.aggregate import (
     attack_title,
     table_rows,
 )
+
+if TYPE_CHECKING:
+    from erasekit.bench.timing import Timing
 
 MEANINGS = (
     "UA (unlearning accuracy): percent of the target's grid images the classifier no longer labels as the target.",
@@ -77,7 +80,7 @@ def reproduce(command: str) -> list[str]:
 
 
 def protocol_markdown(
-    sweep: Board, test: Board, tuned: dict[str, Any], split: Any, seconds: float | None,
+    sweep: Board, test: Board, tuned: dict[str, Any], split: Any, timing: Timing | None,
     title: str = "MiniCanvas leaderboard",
 ) -> str:  # fmt: skip
     """The protocol page: split, rule, test tables (paper and tuned rows), tuned settings, the dev sweep."""
@@ -85,9 +88,8 @@ def protocol_markdown(
 
     lines = [f"# {title}", "", *partial(test), *partial(sweep)]
     lines += [*test.notes, ""]
-    if seconds is not None:
-        lines += [f"Wall time of the whole bench (sweep, test and attacks, every invocation added up): "
-                  f"{seconds / 3600:.2f} h.", ""]  # fmt: skip
+    if timing is not None:
+        lines += [f"Time of the whole bench (sweep, test and attacks): {timing.describe()}.", ""]
     lines += [
         "## Protocol",
         "",

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from erasekit.cli.options import add_classifier_arg, add_model_arg, classifier_from
 from erasekit.errors import ErasekitError
+
+if TYPE_CHECKING:
+    from erasekit.models.loading import LoadedModel
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +69,6 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.sweep:
         return run_protocol_command(args)
     from erasekit.bench import BenchSettings, parse_entries, run_bench
-    from erasekit.models.loading import load
 
     not_run = {parse_entries([k])[0].label: v for k, v in _not_run(args.not_run).items()}
     entries = parse_entries(_split(args.methods), _split(args.presets))
@@ -73,15 +76,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     concepts, seed = _concepts(args)
     attacks = _columns(args)
     shard = _shard(args.shard)
-    if args.table_only and args.overwrite:
-        raise ErasekitError("--table-only reads the finished cells; --overwrite would delete them")
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
-    model = load(args.model, device=args.device, allow_pickle=args.allow_pickle)
-    if model.pipeline is None:
-        raise ErasekitError(f"bench needs a full pipeline; {args.model} has only text encoders")
+    model = _bench_model(args)
     board = run_bench(
         model, args.out, entries, concepts, settings=BenchSettings(seeds=args.seeds, steps=args.steps),
         classifier=classifier_from(args), batch_size=args.batch_size, not_run=not_run, concept_seed=seed,
@@ -94,11 +89,28 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def _bench_model(args: argparse.Namespace) -> LoadedModel:
+    """Check the flags both bench forms share, set the thread count and load the model (a full pipeline)."""
+    from erasekit.bench.layout import check_overwrite
+    from erasekit.models.loading import load
+
+    if args.table_only and args.overwrite:
+        raise ErasekitError("--table-only reads the finished cells; --overwrite would delete them")
+    check_overwrite(args.overwrite, args.results)  # before the model loads, which takes a while
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    model = load(args.model, device=args.device, allow_pickle=args.allow_pickle)
+    if model.pipeline is None:
+        raise ErasekitError(f"bench needs a full pipeline; {args.model} has only text encoders")
+    return model
+
+
 def run_protocol_command(args: argparse.Namespace) -> int:
     from erasekit.bench import BenchSettings
     from erasekit.bench.leaderboard import run_leaderboard
     from erasekit.bench.protocol import split_concepts
-    from erasekit.models.loading import load
     from erasekit.registry import METHODS
 
     methods = [METHODS.get(m).name for m in _split(args.methods)]
@@ -108,15 +120,7 @@ def run_protocol_command(args: argparse.Namespace) -> int:
         raise ErasekitError("--sweep chooses the concepts (the split) and the presets (paper, tuned) itself")
     attacks = _columns(args)
     shard = _shard(args.shard)
-    if args.table_only and args.overwrite:
-        raise ErasekitError("--table-only reads the finished cells; --overwrite would delete them")
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(max(1, args.threads))
-    model = load(args.model, device=args.device, allow_pickle=args.allow_pickle)
-    if model.pipeline is None:
-        raise ErasekitError(f"bench needs a full pipeline; {args.model} has only text encoders")
+    model = _bench_model(args)
     result = run_leaderboard(
         model, args.out, methods, split_concepts(args.split_seed),
         settings=BenchSettings(seeds=args.seeds, steps=args.steps), stacks=_split(args.stacks), attacks=attacks,

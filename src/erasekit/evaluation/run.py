@@ -76,7 +76,7 @@ def run_protocol(
     base_sha = rec.model_fingerprint(model.components)
     patch = compose(patches, merge) if patches else None
     if reuse is not None:
-        _check_reuse(Path(reuse), base_sha, list(patches), sampling)
+        check_reuse(Path(reuse), base_sha, list(patches), sampling)
     if rank == 0:
         rec.prepare_run(out, config, overwrite)
         if reuse is not None:
@@ -122,7 +122,7 @@ def run_protocol(
     return metrics
 
 
-def _check_reuse(source: Path, model_sha: str, patches: list[Any], sampling: Sampling) -> None:
+def check_reuse(source: Path, model_sha: str, patches: list[Any], sampling: Sampling) -> None:
     """Raise unless ``source`` is a finished run of the same model, patches and sampling."""
     record = rec.read_run(source)["record"]
     theirs = record.get("sampling", {})

@@ -61,6 +61,9 @@ class RunOptions:
         speedups: the generation path's runtime speed-ups (``None``: the defaults, all on).
         reuse: a finished run of the same model, patches and sampling whose images of the same jobs are linked
             instead of generated again (runtime only).
+        base_images: for protocols that also generate the base model's images (``eraseeval``): a finished run
+            of the unpatched model with the same sampling whose images of the same jobs the base images link
+            instead of generating them again (runtime only).
     """
 
     patches: tuple[Patch, ...] = ()
@@ -72,6 +75,7 @@ class RunOptions:
     nudenet: Callable[..., Any] | None = None
     speedups: Speedups | None = None
     reuse: Path | None = None
+    base_images: Path | None = None
 
     def sampling_for(self, model: LoadedModel) -> Sampling:
         from erasekit.generation import Sampling
@@ -98,6 +102,7 @@ def evaluate(
     nudenet: Callable[..., Any] | None = None,
     speedups: Speedups | None = None,
     reuse: str | Path | None = None,
+    base_images: str | Path | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
     """Run ``protocol`` on ``model`` (with ``patches``) into ``out``; ``fields`` set the protocol's config.
@@ -111,7 +116,8 @@ def evaluate(
     config = PROTOCOLS.config(protocol, None, None, fields)
     options = RunOptions(patches=tuple(patches), merge=merge, sampling=sampling, batch_size=batch_size,
                          overwrite=overwrite, classifier=classifier, nudenet=nudenet,
-                         speedups=speedups, reuse=Path(reuse) if reuse is not None else None)  # fmt: skip
+                         speedups=speedups, reuse=Path(reuse) if reuse is not None else None,
+                         base_images=Path(base_images) if base_images is not None else None)  # fmt: skip
     return PROTOCOLS.get(protocol).fn(model, out, config, options)
 
 

@@ -19,8 +19,9 @@ caption and CLIP embeddings; the world's prompts replace the LLM-written ones:
   the same images and the world's renders of the same cells (``reference``: a folder or run of other images).
 
 The base model's images are generated into ``OUT/base/`` (a resumable sub-run) after the erased model's, with
-the same prompts and seeds; a run without patches is its own base. ``metrics.json`` holds ``EraseEval`` (the combined score, in [0, 1]), ``M1``..``M4``
-and ``details``.
+the same prompts and seeds; a run without patches is its own base, and one given ``base_images`` (a finished run
+of the unpatched model, as the bench's base row is) links that run's images instead of generating them again.
+``metrics.json`` holds ``EraseEval`` (the combined score, in [0, 1]), ``M1``..``M4`` and ``details``.
 """
 
 from __future__ import annotations
@@ -139,6 +140,11 @@ def run_eraseeval(
     run_id = {**identity("eraseeval", config, model, options, sampling), "objects": objs, "styles": stys,
               "target_type": kind, "classifier": classifier.source}  # fmt: skip
     base_id = {k: v for k, v in run_id.items() if k not in ("patches", "merge")}
+    if options.base_images is not None and options.patches:  # checked now, before any image is made
+        from erasekit.evaluation.record import model_fingerprint
+        from erasekit.evaluation.run import check_reuse
+
+        check_reuse(options.base_images, model_fingerprint(model.components), [], sampling)
 
     def score(entries: list[dict[str, Any]], patch: Any) -> dict[str, Any]:
         if patch is None:  # the base model itself: its images are the base images
@@ -164,12 +170,16 @@ def _base_entries(
     sampling: Any,
     options: RunOptions,
 ) -> list[dict[str, Any]]:
-    """The base model's images of ``jobs`` in ``out`` (called while scoring, when no patch is applied)."""
+    """The base model's images of ``jobs`` in ``out`` (called while scoring, when no patch is applied); those
+    that ``options.base_images``, a finished run of the unpatched model (checked by the caller), already holds
+    are linked from it."""
     from erasekit.evaluation import record as rec
-    from erasekit.evaluation.runner import generate
+    from erasekit.evaluation.runner import generate, reuse_images
     from erasekit.generation import FAST
 
     rec.prepare_run(out, {"base_of": base_id}, options.overwrite)
+    if options.base_images is not None:
+        reuse_images(out, jobs, sampling, options.base_images)
     return generate(model.require_pipeline(), jobs, out, sampling, batch_size=options.batch_size,
                     speedups=options.speedups or FAST)  # fmt: skip
 
