@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from erasekit.bench.attacks import ERASEEVAL
-from erasekit.bench.entries import Entry, Part, check_stack
+from erasekit.bench.entries import BASE, Entry, Part, check_stack
 from erasekit.bench.layout import AttackCell, Cell, Layout, Scores
 from erasekit.bench.memory import PeakMemory
 from erasekit.errors import ErasekitError
@@ -233,7 +233,7 @@ class Bench:
             metrics = read_run(run)["metrics"]
         else:
             patches = [self.entry_patch(entry, concept, kind)[0]] if entry.parts else []
-            base = self.layout.attack_run_dir(attack.key, Entry(()).label, concept)  # the base row's run
+            base = self.layout.attack_run_dir(attack.key, BASE, concept)  # the base row's run
             self.say(f"evaluate {attack.label} on {entry.label} {concept!r}")
             metrics = evaluate(
                 self.model, ERASEEVAL, run, patches=patches, sampling=self.settings.sampling(self.model),
