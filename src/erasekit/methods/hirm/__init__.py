@@ -98,7 +98,7 @@ def erase_hirm_r(model: LoadedModel, concepts: Sequence[str], config: HirmConfig
     HirmSConfig,
     presets=presets(coefficient=1.0, steps=HIRM_S_PAPER_STEPS),
     default_preset="default",
-    strength=Strength("steps", (10, 20, 40, 80, 160), preset="default"),
+    strength=Strength("steps", (40, 80, 160, 320, 640, 1280), preset="default"),
     summary="HiRM-S: train CLIP block 0 so the concept's last-block representation becomes a super-category's",
 )
 def erase_hirm_s(model: LoadedModel, concepts: Sequence[str], config: HirmConfig) -> Patch:
