@@ -124,3 +124,34 @@ def test_outside_minicanvas_it_needs_a_corpus(model):
 
     with pytest.raises(ErasekitError, match="captions"):
         erasekit.erase(model, ["helicopter"], "itd", concept_type="object", epochs=1)
+
+
+def test_the_sae_memo_gives_what_a_retraining_gives_and_follows_the_encoder(model):
+    from erasekit.methods import itd
+
+    itd._SAES.clear()
+    first = erasekit.erase(model, ["fish"], "itd", concept_type="object", **TINY)
+    assert len(itd._SAES) == 1
+    (key,) = itd._SAES
+    second = erasekit.erase(model, ["fish"], "itd", "consistent", concept_type="object", **TINY)
+    assert list(itd._SAES) == [key]  # a hit: nothing trained
+    itd._SAES.clear()
+    fresh = erasekit.erase(model, ["fish"], "itd", "consistent", concept_type="object", **TINY)
+    for a, b in zip(second.modules[0].tensors.values(), fresh.modules[0].tensors.values()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert second.modules[0].config == fresh.modules[0].config
+    assert first.modules[0].config["threshold"] != fresh.modules[0].config["threshold"]  # the presets differ
+
+    encoder = model.pipeline.text_encoder
+    sizes = resolve(ItDConfig(**TINY), encoder)
+    before = itd.sae_key(encoder, sizes, CAPTIONS, ItDConfig(**TINY))
+    assert before == key
+    assert itd.sae_key(encoder, sizes, CAPTIONS[:-1], ItDConfig(**TINY)) != before
+    assert itd.sae_key(encoder, sizes, CAPTIONS, ItDConfig(**{**TINY, "seed": 1})) != before
+    w = encoder.encoder.layers[0].mlp.fc1.weight
+    with torch.no_grad():
+        w.add_(1.0)
+        try:
+            assert itd.sae_key(encoder, sizes, CAPTIONS, ItDConfig(**TINY)) != before
+        finally:
+            w.sub_(1.0)

@@ -22,7 +22,9 @@ deactivated at −8; ``paper`` keeps both, ``consistent`` measures the threshold
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,7 @@ from torch import nn
 
 from erasekit.concepts import check_type
 from erasekit.errors import ErasekitError
+from erasekit.evaluation.record import model_fingerprint
 from erasekit.hooked import AddedModule, HookedPatch
 from erasekit.hooks.sae import SAEConfig, TopKSAE
 from erasekit.methods.common import check_choice, check_positive, frozen, generator
@@ -223,6 +226,41 @@ def train_sae(
     return losses
 
 
+# The SAE depends on the encoder, the corpus and the training settings, never on the concept: a sweep or a
+# bench erases many concepts with one. Each process keeps the last few it trained (a few MB each), keyed by
+# everything the training reads, and hands out copies, so a hit returns the same weights a retraining would.
+_SAES: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+_KEEP = 2
+
+
+def sae_key(encoder: nn.Module, sizes: Sizes, captions: Sequence[str], config: ItDConfig) -> str:
+    """What the SAE's training reads: the encoder's weights, the sizes, the corpus and the training settings."""
+    h = hashlib.sha256(model_fingerprint({"text_encoder": encoder}).encode())
+    settings = (sizes.layer, sizes.dim, sizes.latents, sizes.k, config.epochs, config.batch_prompts,
+                config.lr, config.warmup, config.seed)  # fmt: skip
+    h.update(repr(settings).encode())
+    for c in captions:
+        h.update(c.encode() + b"\0")
+    return h.hexdigest()
+
+
+def trained_sae(pipe: Any, sizes: Sizes, captions: Sequence[str], config: ItDConfig) -> TopKSAE:
+    """The SAE trained on ``captions`` at ``sizes.layer``; from this process's memo when it trained it before."""
+    key = sae_key(pipe.text_encoder, sizes, captions, config)
+    g = generator(config.seed)
+    sae = new_sae(sizes, g)
+    if key in _SAES:
+        _SAES.move_to_end(key)
+        sae.load_state_dict(_SAES[key])
+        return sae
+    train_sae(sae, padded_to_longest(*layer_outputs(pipe, sizes.layer, captions), config.batch_prompts),
+              config, g)  # fmt: skip
+    _SAES[key] = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    while len(_SAES) > _KEEP:
+        _SAES.popitem(last=False)
+    return sae
+
+
 def padded_to_longest(padded: torch.Tensor, lengths: Sequence[int], size: int) -> list[torch.Tensor]:
     """Each prompt's rows up to the longest prompt of its group of ``size`` (the release's ``padding=True``); the
     rows past a prompt's end are the pipeline's padding rows, which causal attention leaves as they would be."""
@@ -276,15 +314,8 @@ def erase_itd(model: Any, concepts: list[str], config: ItDConfig) -> HookedPatch
             raise ErasekitError("itd needs --captions (the SAE's training corpus) outside MiniCanvas")
         captions = [c for c in all_captions() if c]
     retain = list(config.retain) or list(world_kind_mates(concepts))
-    g = generator(config.seed)
     with frozen(pipe.text_encoder):
-        sae = new_sae(sizes, g)
-        train_sae(
-            sae,
-            padded_to_longest(*layer_outputs(pipe, sizes.layer, captions), config.batch_prompts),
-            config,
-            g,
-        )
+        sae = trained_sae(pipe, sizes, captions, config)
         erase_prompts = prompts_for(concepts, config.concept_type)
         retain_prompts = prompts_for(retain, config.concept_type)
         erase_padded, erase_lengths = layer_outputs(pipe, sizes.layer, erase_prompts)
