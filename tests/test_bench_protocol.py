@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -197,6 +198,52 @@ def test_a_results_copy_carries_the_finished_cells_to_a_new_directory(board, tmp
         run_leaderboard(
             tiny_model(), tmp_path / "other", ["uce"], split, settings=replace(GRID, seeds=1), **kwargs
         )
+
+
+def test_a_changed_tuned_setting_makes_its_rows_again(board, tmp_path, monkeypatch):
+    """``uce:tuned`` names whatever the sweep chose last: when the choice moves (here: the rule is swapped for
+    one that picks another grid point), its cells, its stack's and their attack cells are made again, on their
+    new patch, and nothing else is; no stale number reaches the page."""
+    import shutil
+
+    import erasekit.bench.leaderboard as leaderboard
+    import erasekit.evaluation.protocols as protocols
+    from erasekit.evaluation.record import read_run
+
+    out = tmp_path / "lb"
+    shutil.copytree(board[0], out)
+    before = read_tuned(out)["uce"]
+    chosen = {kind: dict(before.typed)[kind] for kind in ("style", "object")}
+
+    def other_point(points, base_ira, base_cra):  # a grid point neither kind chose before
+        return next(p for p in points if p.part.overrides not in chosen.values())
+
+    evaluated = []
+    real = protocols.evaluate
+    monkeypatch.setattr(leaderboard, "operating_point", other_point)
+    monkeypatch.setattr(protocols, "evaluate", lambda *a, **k: evaluated.append(str(a[2])) or real(*a, **k))
+    split = Split(0, dev=("neon", "star"), test=("pixel", "circle"))
+    again = run_leaderboard(tiny_model(), out, ["uce"], split, settings=GRID, stacks=["hirm-r+uce"],
+                            attacks=parse_attacks(["encoder-swap"], ["prompts=1"], seeds=1),
+                            classifier=fake_classifier(), command="erasekit bench ...")  # fmt: skip
+    after = read_tuned(out)["uce"]
+    assert after != before
+    remade = {Path(r).parent.name for r in evaluated}
+    assert remade == {"uce_tuned", "hirm-r_default+uce_tuned"}, evaluated  # base and uce:paper are kept
+    rows = {c.entry: c for c in again.test.cells if c.entry in ("uce:tuned", "hirm-r:default+uce:tuned")}
+    assert rows and all(after in c.parts for c in rows.values())
+    for cell in again.test.cells:
+        if "tuned" in cell.entry:
+            made = read_run(out / cell.run)["record"]["patches"]
+            assert [p["sha256"] for p in made] == [cell.patch["sha256"]]
+    tuned_attacks = [c for c in again.test.attack_cells if "tuned" in c.entry]
+    assert len(tuned_attacks) == 4 and all(after in c.parts for c in tuned_attacks)
+    # the stale cells are gone from the page even where a results copy still holds them
+    from erasekit.bench.layout import Layout
+
+    stale = Layout(board[0])
+    assert stale.read_cell("uce:tuned", "pixel", (after,)) is None
+    assert stale.read_cell("uce:tuned", "pixel") is not None  # without the setting: not known, so kept
 
 
 def test_every_registered_knob_builds_a_valid_config_at_every_grid_point():

@@ -106,10 +106,11 @@ def run_bench(
     if run:
         bench.run([e for e in entries if e.label not in not_run], list(concepts)[shard[0] :: shard[1]])
     rows = [BASE, *labels]
-    board = Board(labels=tuple(rows), concepts=by_kind, cells=layout.cells(rows, concepts), not_run=not_run,
+    parts = {e.label: e.parts for e in entries}
+    board = Board(labels=tuple(rows), concepts=by_kind, cells=layout.cells(rows, concepts, parts), not_run=not_run,
                   command=command, failed=bench.failures, notes=notes_for(settings, concept_seed, model),
                   attacks=tuple(a.label for a in attacks),
-                  attack_cells=layout.attack_cells(attacks, rows, concepts))  # fmt: skip
+                  attack_cells=layout.attack_cells(attacks, rows, concepts, parts))  # fmt: skip
     atomic_write_text(layout.root / "leaderboard.md", markdown(board))
     sheets = {a.label: png for a in attacks if (png := attack_sheet(board, layout.root, a.label))}
     for attack in attacks:

@@ -129,9 +129,13 @@ class Bench:
 
     def run_cell(self, entry: Entry, concept: str, kind: str) -> Cell:
         """Erase (unless ``base``), evaluate, and write the cell; a finished cell is read back."""
-        done = self.layout.read_cell(entry.label, concept)
+        done = self.layout.read_cell(entry.label, concept, entry.parts)
         if done is not None:
             return done
+        if self.layout.cell_file(entry.label, concept).is_file():
+            self.say(
+                f"stale {entry.label} {concept!r}: made with another setting of {entry.label}; made again"
+            )
         start = time.perf_counter()
         patch, cost = (None, {"erase_seconds": None, "peak_memory_mb": None})
         if entry.parts:
@@ -169,18 +173,34 @@ class Bench:
     def evaluate(self, run: Any, concept: str, patch: Patch | None) -> dict[str, Any]:
         """The evaluation run's metrics (a finished run is read back, an unfinished one resumed)."""
         from erasekit.evaluation.protocols import evaluate
-        from erasekit.evaluation.record import read_run
 
-        if (run / "metrics.json").is_file():
-            return read_run(run)["metrics"]
+        patches = [patch] if patch is not None else []
+        finished, stale = self._finished(run, patches)
+        if finished is not None:
+            return finished
         self.say(f"evaluate {self.layout.relative(run)}")
         s = self.settings
         return evaluate(
-            self.model, "minicanvas", run, patches=[patch] if patch is not None else [],
+            self.model, "minicanvas", run, patches=patches,
             sampling=s.sampling(self.model), batch_size=self.batch_size, classifier=self.classifier,
-            reuse=_finished_sibling(run) if patch is None else None,
+            reuse=_finished_sibling(run) if patch is None else None, overwrite=stale,
             target=concept, seeds=s.seeds, objects=s.objects, styles=s.styles, generality=s.generality,
         )  # fmt: skip
+
+    def _finished(self, run: Path, patches: Sequence[Any]) -> tuple[dict[str, Any] | None, bool]:
+        """``(metrics, stale)``: the metrics of ``run`` when it is finished and made with ``patches``, else
+        ``None``; ``stale`` when it is finished but was made with other patches (a ``tuned`` setting that has
+        changed since): that run is replaced."""
+        from erasekit.evaluation.record import read_run
+
+        if not (run / "metrics.json").is_file():
+            return None, False
+        done = read_run(run)
+        made = [p.get("sha256") for p in done["record"].get("patches", [])]
+        if made == [p.fingerprint() for p in patches]:
+            return done["metrics"], False
+        self.say(f"stale {self.layout.relative(run)}: made with another patch; made again")
+        return None, True
 
     def run_attack_cell(self, attack: BenchAttack, entry: Entry, concept: str, kind: str) -> AttackCell:
         """Attack the entry's patch on ``concept`` and write the attack cell; a finished one is read back.
@@ -192,14 +212,14 @@ class Bench:
         from erasekit.attacks.run import run_attack
 
         layout = self.layout
-        done = layout.read_attack_cell(attack.key, entry.label, concept)
+        done = layout.read_attack_cell(attack.key, entry.label, concept, entry.parts)
         if done is not None:
             return done
-        twin_of = layout.read_cell(entry.label, concept)
+        twin_of = layout.read_cell(entry.label, concept, entry.parts)
         twin = twin_of.same_patch_as if twin_of else None
         found = layout.read_attack_cell(attack.key, twin, concept) if twin else None
         if found is not None:
-            cell = replace(found, entry=entry.label, same_patch_as=twin)
+            cell = replace(found, entry=entry.label, same_patch_as=twin, parts=entry.parts)
         elif attack.name == ERASEEVAL:
             cell = self.eraseeval_cell(attack, entry, concept, kind)
         else:
@@ -215,7 +235,8 @@ class Bench:
             asr = {k: metrics.get(k) for k in ("ASR", "ASR_pre", "ASR_post", "ASR_images", "ASR_any")}
             cell = AttackCell(attack=attack.label, entry=entry.label, concept=concept, concept_type=kind, asr=asr,
                               asr_rule=metrics.get("asr_rule"), budget=metrics.get("budget") or {},
-                              run=layout.relative(run), cell_seconds=round(time.perf_counter() - start, 2))  # fmt: skip
+                              run=layout.relative(run), cell_seconds=round(time.perf_counter() - start, 2),
+                              parts=entry.parts)  # fmt: skip
         layout.write_attack_cell(attack.key, cell)
         self.say(f"done {attack.label} on {entry.label} {concept!r}: {cell.headline} {_pct(cell.value)}")
         return cell
@@ -225,26 +246,25 @@ class Bench:
         read back); its combined score and M1..M4, × 100. The base model's images it compares with are linked
         from the base row's run of the same concept (the base row runs first), not generated again."""
         from erasekit.evaluation.protocols import evaluate
-        from erasekit.evaluation.record import read_run
 
         start = time.perf_counter()
         run = self.layout.attack_run_dir(attack.key, entry.label, concept)
-        if (run / "metrics.json").is_file():
-            metrics = read_run(run)["metrics"]
-        else:
-            patches = [self.entry_patch(entry, concept, kind)[0]] if entry.parts else []
+        patches = [self.entry_patch(entry, concept, kind)[0]] if entry.parts else []
+        metrics, stale = self._finished(run, patches)
+        if metrics is None:
             base = self.layout.attack_run_dir(attack.key, BASE, concept)  # the base row's run
             self.say(f"evaluate {attack.label} on {entry.label} {concept!r}")
             metrics = evaluate(
                 self.model, ERASEEVAL, run, patches=patches, sampling=self.settings.sampling(self.model),
                 batch_size=self.batch_size, classifier=self.classifier, target=concept, **dict(attack.budget),
-                base_images=base if patches and (base / "metrics.json").is_file() else None,
+                base_images=base if patches and (base / "metrics.json").is_file() else None, overwrite=stale,
             )  # fmt: skip
         scores = {k: 100 * float(metrics[k]) for k in ("EraseEval", "M1", "M2", "M3", "M4")}
         rule = f"EraseEval: the {dict(attack.budget)['combine']} mean of M1..M4, x 100"
         return AttackCell(attack=attack.label, entry=entry.label, concept=concept, concept_type=kind, asr=scores,
                           asr_rule=rule, budget=dict(attack.budget), run=self.layout.relative(run),
-                          cell_seconds=round(time.perf_counter() - start, 2), headline="EraseEval")  # fmt: skip
+                          cell_seconds=round(time.perf_counter() - start, 2), headline="EraseEval",
+                          parts=entry.parts)  # fmt: skip
 
     def run(self, entries: Sequence[Entry], concepts: Sequence[str]) -> list[Cell]:
         """Every entry on every concept, the base model first; a cell that fails is logged, recorded in

@@ -157,6 +157,8 @@ class AttackCell:
         run: the attack run, relative to the leaderboard directory.
         same_patch_as: the entry whose attack run this is (same patch), or ``None``.
         cell_seconds: wall time of the attack run.
+        parts: the entry's parts when the cell was made (``None`` in cells written before they were recorded):
+            a ``tuned`` entry whose setting has changed since is not this cell's any more.
     """
 
     attack: str
@@ -170,6 +172,7 @@ class AttackCell:
     same_patch_as: str | None = None
     cell_seconds: float = 0.0
     headline: str = "ASR"
+    parts: tuple[Part, ...] | None = None
 
     @property
     def ASR(self) -> float | None:  # noqa: N802 (the field's name in every run's metrics.json)
@@ -183,16 +186,27 @@ class AttackCell:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["metrics"] = data.pop("asr")
+        data["parts"] = None if self.parts is None else [p.to_json() for p in self.parts]
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> AttackCell:
         values = {k: v for k, v in data.items() if k in _ATTACK_FIELDS}
-        return cls(asr=dict(data["metrics"]), **values)
+        parts = data.get("parts")
+        return cls(asr=dict(data["metrics"]), parts=None if parts is None else tuple(map(Part.from_json, parts)),
+                   **values)  # fmt: skip
 
 
 _CELL_FIELDS = {f.name for f in dataclasses.fields(Cell)} - {"scores", "parts", "per_seed"}
-_ATTACK_FIELDS = {f.name for f in dataclasses.fields(AttackCell)} - {"asr"}
+_ATTACK_FIELDS = {f.name for f in dataclasses.fields(AttackCell)} - {"asr", "parts"}
+
+
+def same_setting(made: Sequence[Part] | None, parts: Sequence[Part] | None) -> bool:
+    """Whether a cell made with ``made`` belongs to an entry of ``parts`` now (``None`` on either side: not
+    known, so it does). Labels alone cannot tell: ``hirm-s:tuned`` names whatever the dev sweep chose last."""
+    if made is None or parts is None:
+        return True
+    return normal([p.to_json() for p in made]) == normal([p.to_json() for p in parts])
 
 
 @dataclass(frozen=True)
@@ -231,16 +245,26 @@ class Layout:
 
     # ---- cells -------------------------------------------------------------------------------------
 
-    def read_cell(self, label: str, concept: str) -> Cell | None:
+    def read_cell(self, label: str, concept: str, parts: Sequence[Part] | None = None) -> Cell | None:
+        """The finished cell, or ``None``; also ``None`` when it was made with other ``parts`` (stale)."""
         file = self.cell_file(label, concept)
-        return Cell.from_json(read_json(file)) if file.is_file() else None
+        if not file.is_file():
+            return None
+        cell = Cell.from_json(read_json(file))
+        return cell if same_setting(cell.parts, parts) else None
 
     def write_cell(self, cell: Cell) -> None:
         atomic_write_json(self.cell_file(cell.entry, cell.concept), cell.to_json())
 
-    def cells(self, labels: Sequence[str], concepts: Sequence[str]) -> list[Cell]:
-        """The finished cells on disk for these entries and concepts (another process may have written them)."""
-        found = (self.read_cell(label, c) for label in labels for c in concepts)
+    def cells(
+        self,
+        labels: Sequence[str],
+        concepts: Sequence[str],
+        parts: Mapping[str, Sequence[Part]] | None = None,
+    ) -> list[Cell]:
+        """The finished cells on disk for these entries and concepts (another process may have written them);
+        ``parts``: ``{label: parts}`` of the entries, whose stale cells are left out."""
+        found = (self.read_cell(label, c, (parts or {}).get(label)) for label in labels for c in concepts)
         return [c for c in found if c is not None]
 
     def concept_cells(self, concept: str) -> list[Cell]:
@@ -250,18 +274,30 @@ class Layout:
             for f in sorted((self.root / "cells").glob(f"*/{slug(concept)}.json"))
         ]
 
-    def read_attack_cell(self, attack_key: str, label: str, concept: str) -> AttackCell | None:
+    def read_attack_cell(
+        self, attack_key: str, label: str, concept: str, parts: Sequence[Part] | None = None
+    ) -> AttackCell | None:
+        """The finished attack cell, or ``None``; also ``None`` when it was made with other ``parts``."""
         file = self.attack_file(attack_key, label, concept)
-        return AttackCell.from_json(read_json(file)) if file.is_file() else None
+        if not file.is_file():
+            return None
+        cell = AttackCell.from_json(read_json(file))
+        return cell if same_setting(cell.parts, parts) else None
 
     def write_attack_cell(self, attack_key: str, cell: AttackCell) -> None:
         atomic_write_json(self.attack_file(attack_key, cell.entry, cell.concept), cell.to_json())
 
-    def attack_cells(self, attacks: Sequence[Any], labels: Sequence[str], concepts: Sequence[str]) -> list:
-        """The finished attack cells of these columns (:class:`~erasekit.bench.attacks.BenchAttack`)."""
+    def attack_cells(
+        self, attacks: Sequence[Any], labels: Sequence[str], concepts: Sequence[str],
+        parts: Mapping[str, Sequence[Part]] | None = None,
+    ) -> list:  # fmt: skip
+        """The finished attack cells of these columns (:class:`~erasekit.bench.attacks.BenchAttack`), stale ones
+        (``parts`` as in :meth:`cells`) left out."""
+        parts = parts or {}
         found = (
-            self.read_attack_cell(a.key, label, c) for a in attacks for label in labels for c in concepts
-        )
+            self.read_attack_cell(a.key, label, c, parts.get(label))
+            for a in attacks for label in labels for c in concepts
+        )  # fmt: skip
         return [c for c in found if c is not None]
 
     # ---- the directory -----------------------------------------------------------------------------

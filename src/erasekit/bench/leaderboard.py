@@ -107,7 +107,7 @@ def run_leaderboard(
     sweeper = Bench(model, layout, sweep_settings, classifier, batch_size, log)
     if run:
         sweeper.run(swept, list(split.dev)[shard[0] :: shard[1]])
-    sweep_board = _board(layout, [e.label for e in swept], dev, sweeper, (), {}, model, settings, "dev sweep")
+    sweep_board = _board(layout, swept, dev, sweeper, (), {}, model, settings, "dev sweep")
     tuned = choose_tuned(layout, methods, sweep_board)
     rows = leaderboard_rows(methods, stacks, tuned)
     for entry in rows:
@@ -115,8 +115,7 @@ def run_leaderboard(
     tester = Bench(model, layout, settings, classifier, batch_size, log, attacks=attacks)
     if run:
         tester.run([e for e in rows if e.label not in not_run], list(split.test)[shard[0] :: shard[1]])
-    labels = [e.label for e in rows] + [label for label in not_run if label not in {e.label for e in rows}]
-    test_board = _board(layout, labels, test, tester, attacks, not_run, model, settings, "test", command)
+    test_board = _board(layout, rows, test, tester, attacks, not_run, model, settings, "test", command)
     _record_time(layout, started, run)
     write_page(layout, sweep_board, test_board, tuned, split, attacks)
     if results is not None:
@@ -172,19 +171,23 @@ def choose_tuned(layout: Layout, methods: Sequence[str], board: Board) -> dict[s
 
 
 def _board(
-    layout: Layout, labels: Sequence[str], by_kind: dict[str, list[str]], bench: Bench,
+    layout: Layout, entries: Sequence[Entry], by_kind: dict[str, list[str]], bench: Bench,
     attacks: Sequence[BenchAttack], not_run: dict[str, str], model: LoadedModel, settings: BenchSettings,
     stage: str, command: str = "",
 ) -> Board:  # fmt: skip
+    """The board of ``entries`` (and the ``not_run`` labels) from the cells on disk; cells made with another
+    setting of a label (a ``tuned`` row whose choice has changed) are left out."""
     from erasekit.bench import notes_for
     from erasekit.bench.aggregate import Board
 
-    rows = [BASE, *labels]
+    labels = [e.label for e in entries]
+    rows = [BASE, *labels, *(label for label in not_run if label not in labels)]
+    parts = {e.label: e.parts for e in entries}
     concepts = [c for kind in ("style", "object") for c in by_kind.get(kind, [])]
-    return Board(labels=tuple(rows), concepts=by_kind, cells=layout.cells(rows, concepts), not_run=not_run,
+    return Board(labels=tuple(rows), concepts=by_kind, cells=layout.cells(rows, concepts, parts), not_run=not_run,
                  command=command, failed=bench.failures, notes=notes_for(settings, None, model, stage),
                  attacks=tuple(a.label for a in attacks),
-                 attack_cells=layout.attack_cells(attacks, rows, concepts))  # fmt: skip
+                 attack_cells=layout.attack_cells(attacks, rows, concepts, parts))  # fmt: skip
 
 
 def _record_time(layout: Layout, started: float, ran: bool) -> None:
