@@ -179,13 +179,15 @@ def run_cell(model: Any, overrides: dict[str, Any], concept: str, out: Path, see
             "erase_seconds": patch.erase_seconds}  # fmt: skip
 
 
-def run_ua(model: Any, overrides: dict[str, Any], concept: str, out: Path, seeds: int) -> dict[str, Any]:
+def run_ua(
+    model: Any, overrides: dict[str, Any], concept: str, out: Path, seeds: int, method: str = "hirm-r"
+) -> dict[str, Any]:
     """UA alone, from the target's own row of the grid (12 images per seed): the cheap first filter."""
     from erasekit.evaluation.protocols import evaluate
     from erasekit.registry import erase
 
     kind = concept_kind(concept)
-    patch = erase(model, [concept], "hirm-r", "paper", concept_type=kind, **overrides)
+    patch = erase(model, [concept], method, "paper", concept_type=kind, **overrides)
     row = {"styles": (concept,)} if kind == "style" else {"objects": (concept,)}
     metrics = evaluate(model, "minicanvas", out, patches=[patch], seeds=seeds, generality=False,
                        batch_size=32, overwrite=True, **row)  # fmt: skip
