@@ -135,6 +135,69 @@ def test_embedding_scenarios_share_the_cce_budgets():
     assert (quick.images, quick.train_steps, quick.init_word) == (8, 200, "object")
 
 
+def counting(monkeypatch, module, name: str, calls: dict[str, int]) -> None:
+    """Count the calls of ``module.name`` in ``calls[name]``, calling through."""
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
+def test_what_depends_on_the_base_model_alone_is_made_once_per_process(model, monkeypatch):
+    from erasekit.attacks import _memo
+    from erasekit.attacks import latent_inversion as li
+    from erasekit.attacks import textual_inversion as ti
+
+    _memo.clear()
+    calls: dict[str, int] = {}
+    for module, name in ((ti, "train"), (ti, "training_posterior"), (li, "invert"), (li, "concept_latents")):
+        counting(monkeypatch, module, name, calls)
+    ti_config = make_budget("textual-inversion-transfer", overrides=TI)
+    un, te = unet_patch(model), te_patch(model)
+    first = ti.textual_inversion_transfer(target_for(model, un), ti_config)
+    again = ti.textual_inversion_transfer(target_for(model, te), ti_config)
+    assert (calls["train"], calls["training_posterior"]) == (1, 1)  # learned once for both erasures
+    assert torch.equal(first.embeddings["learned_embedding"], again.embeddings["learned_embedding"])
+    assert first.stats == again.stats and first.history == again.history and again.patch is te
+    white = [ti.textual_inversion(target_for(model, p), ti_config) for p in (un, te)]
+    assert (calls["train"], calls["training_posterior"]) == (3, 1)  # white-box learns on each erasure
+    assert not torch.allclose(
+        white[0].embeddings["learned_embedding"], white[1].embeddings["learned_embedding"]
+    )
+    # a value handed out is a clone: changing it changes nothing the memo hands out next
+    first.embeddings["learned_embedding"].add_(1.0)
+    third = ti.textual_inversion_transfer(target_for(model, un), ti_config)
+    assert torch.equal(third.embeddings["learned_embedding"], again.embeddings["learned_embedding"])
+
+    li_config = make_budget("latent-inversion", overrides={"prompts": 2})
+    black = [li.latent_inversion_transfer(target_for(model, p), li_config) for p in (un, te)]
+    assert (calls["invert"], calls["concept_latents"]) == (2, 1)  # one inversion per prompt tag, once
+    li.latent_inversion(target_for(model, un), li_config)
+    li.latent_inversion(target_for(model, te), li_config)
+    assert (calls["invert"], calls["concept_latents"]) == (6, 1)  # white-box inverts through each erasure
+    assert all(torch.equal(black[0].embeddings[k], black[1].embeddings[k]) for k in black[0].embeddings)
+
+    # what the memo hands out is what a fresh computation gives
+    _memo.clear()
+    fresh = ti.textual_inversion_transfer(target_for(model, te), ti_config)
+    assert torch.allclose(
+        fresh.embeddings["learned_embedding"], again.embeddings["learned_embedding"], atol=1e-6
+    )
+    # another budget, prompt set or base model makes it again
+    ti.textual_inversion_transfer(target_for(model, te), make_budget(
+        "textual-inversion-transfer", overrides={**TI, "train_steps": 3}))  # fmt: skip
+    ti.textual_inversion_transfer(target_for(model, te, n=1), ti_config)
+    assert calls["train"] == 6
+    other = tiny_model()
+    with torch.no_grad():
+        next(other.pipeline.unet.parameters()).add_(1e-3)
+    li.latent_inversion_transfer(target_for(other), li_config)
+    assert calls["concept_latents"] == 2  # a changed base model makes its concept images again
+
+
 # ---- inverted latents: white-box and black-box ---------------------------------------------------------
 
 

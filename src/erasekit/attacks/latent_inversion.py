@@ -24,12 +24,13 @@ What a run does, per base prompt j:
 Each candidate carries its latents and is generated once, with the run's first seed: DDIM adds no noise, so
 more seeds would repeat the image. The headline ``ASR`` is M-ErasureBench's CRR (concept reproduction rate), the
 share of regenerated images the detector reads as the concept; ``ASR_by_tag`` gives it per prompt. The
-inverted latents are saved as ``embeddings.safetensors`` (``inverted_<prompt>``, ``[N, C, h, w]``).
+inverted latents are saved as ``embeddings.safetensors`` (``inverted_<prompt>``, ``[N, C, h, w]``). The
+concept images, and the black-box scenario's inverted latents, depend on the base model alone: they are made
+once per process (:mod:`erasekit.attacks._memo`), so a bench pays for them once per concept, not once per row.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ import torch
 
 from erasekit.attacks import register_attack
 from erasekit.attacks._denoise import ddim_invert, model_latents, vae_posteriors
+from erasekit.attacks._memo import BaseModelMemo
 from erasekit.attacks.base import AttackResult, AttackTarget, Budget, Candidate, PromptSet
 from erasekit.attacks.textual_inversion import IMAGE_SEED
 from erasekit.denoising import check_unet_family, encode_prompts
@@ -97,12 +99,18 @@ def inverted_latents(
             f"latent-inversion regenerates with the DDIM schedule its inversion mirrors, but this run samples with "
             f"{scheduler}: pass --scheduler DDIMScheduler"
         )
-    x0 = concept_latents(pipe, ps, target)
+    memo, parts = BaseModelMemo(target.model), (ps.positives, target.sampling)  # the same for every row
+    x0 = memo.get("concept latents", parts, lambda: concept_latents(pipe, ps, target))
     prompts_by_tag = regeneration_prompts(ps, config.regenerate)
-    with target.erased() if through_erased else contextlib.nullcontext():
-        starts = {
-            v: invert(pipe, x0, prompts, target.sampling.steps) for v, prompts in prompts_by_tag.items()
-        }
+
+    def starts_now() -> dict[str, torch.Tensor]:
+        return {v: invert(pipe, x0, prompts, target.sampling.steps) for v, prompts in prompts_by_tag.items()}
+
+    if through_erased:
+        with target.erased():
+            starts = starts_now()
+    else:  # inverted through the base model: the same for every erasure of the concept
+        starts = memo.get("base inversion", (*parts, prompts_by_tag), starts_now)
     seed = (target.seeds[0],)
     cands = tuple(
         Candidate(prompt=prompts[j], group=j, latents=starts[v][j], tag=v, seeds=seed,

@@ -30,7 +30,6 @@ the erased one. M-ErasureBench's own training budget is not published in code; b
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +37,7 @@ import torch
 
 from erasekit.attacks import register_attack
 from erasekit.attacks._denoise import denoise_loss, draws, fixed_draws, model_latents, vae_posteriors
+from erasekit.attacks._memo import BaseModelMemo
 from erasekit.attacks.base import (
     PLACEHOLDER,
     AttackResult,
@@ -244,31 +244,66 @@ def textual_inversion_transfer(target: AttackTarget, config: TextualInversionCon
 
 def learn_embedding(target: AttackTarget, config: TextualInversionConfig, *, on_erased: bool) -> AttackResult:
     """Learn v* from the base model's images on the erased model (``on_erased``) or on the base model itself;
-    the candidates are the placeholder prompts with v*, generated with the erased model either way."""
+    the candidates are the placeholder prompts with v*, generated with the erased model either way.
+
+    The training images, and v* learned on the base model, depend on the base model alone: they are made once
+    per process (:mod:`erasekit.attacks._memo`), so a bench's black-box column learns once per concept."""
     model, ps = target.model, target.prompts
     pipe = check_unet_family(model, "textual-inversion")
-    n = len(ps.positives)
-    order = [j % n for j in range(config.images)]
-    captions = training_captions(ps, order, config.captions)
+    memo, parts = BaseModelMemo(model), (ps, config, target.sampling)
+    posterior = memo.get(
+        "textual-inversion images", parts, lambda: training_posterior(pipe, ps, config, target)
+    )
+    v0 = init_embedding(pipe, config.init_word)  # the base model's embedding of the word
+
+    def learned() -> tuple[torch.Tensor, list[float], dict[str, Any]]:
+        return learn(pipe, ps, config, posterior, v0)
+
+    if on_erased:
+        with target.erased():
+            v, losses, stats = learned()
+    else:
+        v, losses, stats = memo.get("textual inversion on the base model", parts, learned)
+    stats = {"learned_on": "erased" if on_erased else "base", **stats}
+    prompts = [f"{PLACEHOLDER} {p}" for p in ps.positives] if config.captions == "prefix" else ps.placeholders
+    cands = tuple(Candidate(prompt=p, group=i, embedding=v.unsqueeze(0)) for i, p in enumerate(prompts))
+    return AttackResult(candidates=cands, patch=target.patch, embeddings={"learned_embedding": v.unsqueeze(0)},
+                        history={"loss": losses}, stats=stats)  # fmt: skip
+
+
+def training_posterior(
+    pipe: Any, ps: PromptSet, config: TextualInversionConfig, target: AttackTarget
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (:func:`vae_posteriors`) of the base model's ``images`` training images, base prompt
+    ``j % n`` with seed ``IMAGE_SEED + j``; call it with nothing applied."""
+    order = [j % len(ps.positives) for j in range(config.images)]
     latents = model_latents(pipe, [ps.positives[j] for j in order],
                             [IMAGE_SEED + j for j in range(config.images)], target.sampling)  # fmt: skip
-    posterior = vae_posteriors(pipe, latents)  # base model's images, both orientations
+    return vae_posteriors(pipe, latents)
+
+
+def learn(
+    pipe: Any,
+    ps: PromptSet,
+    config: TextualInversionConfig,
+    posterior: tuple[torch.Tensor, torch.Tensor],
+    v0: torch.Tensor,
+) -> tuple[torch.Tensor, list[float], dict[str, Any]]:
+    """v* ``[D]`` learned from ``v0`` on the pipeline as it is now, each optimiser step's loss, and the run's
+    stats."""
+    order = [j % len(ps.positives) for j in range(config.images)]
+    captions = training_captions(ps, order, config.captions)
     g = torch.Generator().manual_seed(config.seed)
-    v0 = init_embedding(pipe, config.init_word)
-    learner = target.erased() if on_erased else contextlib.nullcontext()
-    with learner, frozen(pipe.unet, pipe.text_encoder):
+    with frozen(pipe.unet, pipe.text_encoder):
         objective = InversionObjective(pipe, posterior, captions, config.flip)
         fixed = fixed_draws(pipe, posterior[0][:, 0], EVAL_DRAWS, config.seed + 1)
         before = objective.mean_loss(v0, fixed)
         v, losses = train(objective, v0, config, g)
         after = objective.mean_loss(v, fixed)
-    stats = {"learned_on": "erased" if on_erased else "base", "loss_before": before, "loss_after": after,
-             "init_word": config.init_word, "effective_lr": config.effective_lr, "norm_init": float(v0.norm()),
-             "norm_learned": float(v.norm()), "cosine_to_init": float(torch.cosine_similarity(v, v0, dim=0))}  # fmt: skip
-    prompts = [f"{PLACEHOLDER} {p}" for p in ps.positives] if config.captions == "prefix" else ps.placeholders
-    cands = tuple(Candidate(prompt=p, group=i, embedding=v.unsqueeze(0)) for i, p in enumerate(prompts))
-    return AttackResult(candidates=cands, patch=target.patch, embeddings={"learned_embedding": v.unsqueeze(0)},
-                        history={"loss": losses}, stats=stats)  # fmt: skip
+    stats = {"loss_before": before, "loss_after": after, "init_word": config.init_word,
+             "effective_lr": config.effective_lr, "norm_init": float(v0.norm()), "norm_learned": float(v.norm()),
+             "cosine_to_init": float(torch.cosine_similarity(v, v0, dim=0))}  # fmt: skip
+    return v, losses, stats
 
 
 PAPER = {

@@ -1,0 +1,68 @@
+"""A per-process memo of what an attack computes from the base model alone.
+
+A bench attacks every row of a concept with one budget. Part of some attacks' work never sees the erasure: the
+base model's images of the concept (every latent and embedding scenario starts from them), the latents a
+black-box attacker inverts through the base model, the embedding it learns there. That part is the same for
+every row, so it is made once per process and handed out again: a ``textual-inversion-transfer`` column then
+costs one textual inversion per concept instead of one per row.
+
+A value is keyed by the SHA-256 of every base tensor (:func:`~erasekit.evaluation.record.model_fingerprint`),
+the pipeline's scheduler config and the ``repr`` of everything else it depends on (prompts, seeds, budget,
+sampling), so a changed weight, prompt, budget or sampling makes it again. It is only ever computed with nothing
+applied (outside :meth:`~erasekit.attacks.base.AttackTarget.erased`). Values go in and come out as clones, so no
+caller can change another's. The memo keeps the :data:`KEEP` values used last; they are small (a latent or an
+embedding per base prompt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+KEEP = 64
+_MEMO: OrderedDict[str, Any] = OrderedDict()
+
+
+class BaseModelMemo:
+    """The memo seen from one base model: :meth:`get` keys on its fingerprint, computed once here."""
+
+    def __init__(self, model: Any) -> None:
+        from erasekit.evaluation.record import model_fingerprint
+
+        pipe = model.pipeline
+        self.base = model_fingerprint(model.components) + repr(sorted(dict(pipe.scheduler.config).items()))
+
+    def get(self, what: str, parts: tuple[Any, ...], make: Callable[[], T]) -> T:
+        """``make()``'s value for ``what`` and ``parts``, made once per process (a clone of it each time)."""
+        key = hashlib.sha256(f"{self.base}|{what}|{parts!r}".encode()).hexdigest()
+        if key in _MEMO:
+            _MEMO.move_to_end(key)
+            return cloned(_MEMO[key])
+        value = make()
+        _MEMO[key] = cloned(value)
+        while len(_MEMO) > KEEP:
+            _MEMO.popitem(last=False)
+        return value
+
+
+def cloned(value: T) -> T:
+    """``value`` with every tensor in it (nested in tuples, lists and dicts) cloned."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()  # type: ignore[return-value]
+    if isinstance(value, tuple):
+        return tuple(cloned(v) for v in value)  # type: ignore[return-value]
+    if isinstance(value, list):
+        return [cloned(v) for v in value]  # type: ignore[return-value]
+    if isinstance(value, dict):
+        return {k: cloned(v) for k, v in value.items()}  # type: ignore[return-value]
+    return value
+
+
+def clear() -> None:
+    """Forget every value (tests use it to count what is made)."""
+    _MEMO.clear()
