@@ -191,6 +191,9 @@ def test_what_depends_on_the_base_model_alone_is_made_once_per_process(model, mo
         "textual-inversion-transfer", overrides={**TI, "train_steps": 3}))  # fmt: skip
     ti.textual_inversion_transfer(target_for(model, te, n=1), ti_config)
     assert calls["train"] == 6
+    with _memo.disabled():  # the benchmark's plain variant: made afresh every time
+        ti.textual_inversion_transfer(target_for(model, te), ti_config)
+    assert calls["train"] == 7
     other = tiny_model()
     with torch.no_grad():
         next(other.pipeline.unet.parameters()).add_(1e-3)

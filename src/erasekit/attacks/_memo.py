@@ -16,9 +16,10 @@ embedding per base prompt).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -26,6 +27,7 @@ import torch
 T = TypeVar("T")
 KEEP = 64
 _MEMO: OrderedDict[str, Any] = OrderedDict()
+_OFF = [False]  # inside disabled()
 
 
 class BaseModelMemo:
@@ -39,6 +41,8 @@ class BaseModelMemo:
 
     def get(self, what: str, parts: tuple[Any, ...], make: Callable[[], T]) -> T:
         """``make()``'s value for ``what`` and ``parts``, made once per process (a clone of it each time)."""
+        if _OFF[0]:
+            return make()
         key = hashlib.sha256(f"{self.base}|{what}|{parts!r}".encode()).hexdigest()
         if key in _MEMO:
             _MEMO.move_to_end(key)
@@ -66,3 +70,13 @@ def cloned(value: T) -> T:
 def clear() -> None:
     """Forget every value (tests use it to count what is made)."""
     _MEMO.clear()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Inside the block every value is made afresh and not kept (benchmarks/attack_memo.py's plain variant)."""
+    _OFF[0] = True
+    try:
+        yield
+    finally:
+        _OFF[0] = False
