@@ -237,12 +237,20 @@ def test_regenerate_picks_the_prompts(model):
 
 
 @pytest.mark.parametrize("attack", ["latent-inversion", "latent-inversion-transfer"])
-def test_latent_scenarios_report_crr_per_prompt(model, tmp_path, attack):
+def test_latent_scenarios_report_crr_per_prompt(model, tmp_path, attack, monkeypatch):
+    from erasekit.attacks import _memo
     from erasekit.attacks.run import run_attack
+    from erasekit.evaluation import record
 
     before = model_fingerprint(model.components)
+    _memo.clear()
+    calls: dict[str, int] = {}
+    counting(monkeypatch, record, "model_fingerprint", calls)
     metrics = run_attack(model, "neon", attack, tmp_path / "run", patches=[te_patch(model), unet_patch(model)],
                          budget={"prompts": 3}, seeds=2, sampling=TWO_STEPS, classifier=fake_classifier())  # fmt: skip
+    assert calls["model_fingerprint"] == 1  # the memo's key and the record share one hash of the base model
+    saved_record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert saved_record["model"]["sha256"] == before
     assert model_fingerprint(model.components) == before
     scores = [json.loads(line) for line in (tmp_path / "run" / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == metrics["images"] == 6  # 3 images x 2 prompts, once each (DDIM adds no noise)

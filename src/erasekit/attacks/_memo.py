@@ -31,13 +31,18 @@ _OFF = [False]  # inside disabled()
 
 
 class BaseModelMemo:
-    """The memo seen from one base model: :meth:`get` keys on its fingerprint, computed once here."""
+    """The memo seen from one attack target's base model: :meth:`get` keys on its fingerprint.
 
-    def __init__(self, model: Any) -> None:
+    The fingerprint is the target's ``base_fingerprint`` (computed once per run by
+    :func:`~erasekit.attacks.run.run_attack`, which also records it), or computed here when the target has none.
+    """
+
+    def __init__(self, target: Any) -> None:
         from erasekit.evaluation.record import model_fingerprint
 
-        pipe = model.pipeline
-        self.base = model_fingerprint(model.components) + repr(sorted(dict(pipe.scheduler.config).items()))
+        model = target.model
+        fingerprint = target.base_fingerprint or model_fingerprint(model.components)
+        self.base = fingerprint + repr(sorted(dict(model.pipeline.scheduler.config).items()))
 
     def get(self, what: str, parts: tuple[Any, ...], make: Callable[[], T]) -> T:
         """``make()``'s value for ``what`` and ``parts``, made once per process (a clone of it each time)."""

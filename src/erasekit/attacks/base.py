@@ -95,6 +95,9 @@ class AttackTarget:
             with the run's first seed on the model *as it is when called* (call it inside :meth:`erased` to judge
             the erased model) and asks the run's detector. ``None`` when there is no detector (a model without a
             pipeline, or a test); attacks that stop at the first success then run their whole schedule.
+        base_fingerprint: :func:`~erasekit.evaluation.record.model_fingerprint` of ``model``, computed once by
+            :func:`~erasekit.attacks.run.run_attack` (hashing every base tensor takes seconds at SD size); ``None``
+            when the caller did not compute it (then whoever needs it computes it).
     """
 
     model: LoadedModel
@@ -103,6 +106,7 @@ class AttackTarget:
     sampling: Sampling
     seeds: tuple[int, ...] = (0,)
     judge: Callable[[Sequence[Candidate]], list[bool]] | None = None
+    base_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if not self.seeds:

@@ -99,7 +99,7 @@ def inverted_latents(
             f"latent-inversion regenerates with the DDIM schedule its inversion mirrors, but this run samples with "
             f"{scheduler}: pass --scheduler DDIMScheduler"
         )
-    memo, parts = BaseModelMemo(target.model), (ps.positives, target.sampling)  # the same for every row
+    memo, parts = BaseModelMemo(target), (ps.positives, target.sampling)  # the same for every row
     x0 = memo.get("concept latents", parts, lambda: concept_latents(pipe, ps, target))
     prompts_by_tag = regeneration_prompts(ps, config.regenerate)
 

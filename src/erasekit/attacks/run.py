@@ -93,8 +93,11 @@ def run_attack(
             prompts, classifier=classifier, nudenet_preset=nudenet_preset, nudenet=nudenet
         )
     judge = candidate_judge(model, detector, sampling, seed_values[0], batch_size) if detector else None
+    from erasekit.evaluation.record import model_fingerprint
+
+    base_sha256 = model_fingerprint(model.components)  # once: the memo keys on it and the record carries it
     target = AttackTarget(model=model, patch=patch, prompts=prompts, sampling=sampling, seeds=seed_values,
-                          judge=judge)  # fmt: skip
+                          judge=judge, base_fingerprint=base_sha256)  # fmt: skip
     with output_dir(out, overwrite) as tmp:
         start = time.perf_counter()
         result = spec.fn(target, config)
@@ -103,7 +106,7 @@ def run_attack(
         scored = _score(target, result, detector, tmp, batch_size, timings) if detector else _unscored()
         metrics = {**_summary(spec.asr, scored), **_describe(target, result, detector),
                    "attack": attack, "preset": preset, "budget": budget_dict(config)}  # fmt: skip
-        _finish(tmp, model, patches, metrics, timings)
+        _finish(tmp, model, base_sha256, patches, metrics, timings)
     return metrics
 
 
@@ -224,7 +227,8 @@ def _summary(rule: str, scored: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finish(
-    out: Path, model: LoadedModel, patches: Sequence[Any], metrics: dict[str, Any], timings: dict[str, float]
+    out: Path, model: LoadedModel, model_sha256: str, patches: Sequence[Any], metrics: dict[str, Any],
+    timings: dict[str, float],
 ) -> None:
     from erasekit.evaluation import record as rec
 
@@ -232,7 +236,7 @@ def _finish(
         protocol=f"attack/{metrics['attack']}",
         config={k: metrics[k] for k in ("attack", "concept", "concept_type", "preset", "budget")},
         model=model,
-        model_sha256=rec.model_fingerprint(model.components),
+        model_sha256=model_sha256,
         patches=list(patches),
         sampling=metrics["sampling"],
         timings=timings,

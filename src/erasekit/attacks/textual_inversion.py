@@ -250,7 +250,7 @@ def learn_embedding(target: AttackTarget, config: TextualInversionConfig, *, on_
     per process (:mod:`erasekit.attacks._memo`), so a bench's black-box column learns once per concept."""
     model, ps = target.model, target.prompts
     pipe = check_unet_family(model, "textual-inversion")
-    memo, parts = BaseModelMemo(model), (ps, config, target.sampling)
+    memo, parts = BaseModelMemo(target), (ps, config, target.sampling)
     posterior = memo.get(
         "textual-inversion images", parts, lambda: training_posterior(pipe, ps, config, target)
     )
