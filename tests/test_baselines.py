@@ -465,3 +465,26 @@ def test_every_block_ablation_refuses_encoders_of_different_depths(tiny_sdxl_te_
         erasekit.erase(model, ["circle"], "hirm-ablate-all", steps=1)
     patch = erasekit.erase(model, ["circle"], "hirm-ablate-last", steps=1)  # -1 resolves per encoder
     assert {k.split("/")[0] for k in patch.tensors} == {"text_encoder", "text_encoder_2"}
+
+
+@pytest.mark.parametrize("method", ["esd-x", "esd-u"])
+def test_esd_erased_jointly_over_eta_is_each_eta_erased_alone(model, method):
+    from erasekit.registry import erase_jointly, make_config
+
+    def config(eta, **extra):
+        return make_config(method, "paper", "object", iterations=3, ddim_steps=4, lr=1e-3, negative_guidance=eta,
+                           **extra)  # fmt: skip
+
+    configs = [config(1.0), config(8.0)]
+    joint = erase_jointly(model, ["circle"], method, configs)
+    alone = [erasekit.erase(model, ["circle"], method, config=c) for c in configs]
+    for j, a in zip(joint, alone, strict=True):
+        assert j.method == a.method and j.config == a.config and set(j.tensors) == set(a.tensors)
+        for name, tensor in a.tensors.items():
+            assert torch.allclose(j.tensors[name], tensor, rtol=0, atol=1e-6), name
+    moved = max((joint[0].tensors[n] - joint[1].tensors[n]).abs().max().item() for n in joint[0].tensors)
+    assert moved > 1e-4  # each η trained its own copy
+    with pytest.raises(erasekit.ErasekitError, match="differ only in negative_guidance"):
+        erase_jointly(model, ["circle"], method, [configs[0], config(8.0, seed=1)])
+    with pytest.raises(erasekit.ErasekitError, match="no joint eraser"):
+        erase_jointly(model, ["circle"], "uce", [make_config("uce", "paper", "object")])

@@ -18,6 +18,7 @@ from erasekit.bench import (
 )
 from erasekit.bench.aggregate import Board, aggregate, attack_header, attack_rows, table_rows
 from erasekit.bench.cells import Bench
+from erasekit.bench.entries import Part
 from erasekit.bench.layout import Cell, Scores
 from erasekit.bench.markdown import markdown
 from erasekit.bench.memory import PeakMemory
@@ -414,3 +415,35 @@ def test_the_eraseeval_column_scores_every_cell_as_the_protocol_does(model, tmp_
     monkeypatch.setattr(protocols, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
     again = run_bench(model, out, parse_entries(["uce:paper"]), ["neon"], **kwargs)
     assert again.attack_cell(column.label, "uce:paper", "neon") == erased
+
+
+def test_a_sweep_erases_a_methods_grid_on_a_concept_in_one_joint_run(model, tmp_path, monkeypatch):
+    import dataclasses
+
+    from erasekit import registry
+    from erasekit.bench.protocol import sweep_parts
+
+    spec = registry.METHODS.get("esd-x")
+    tiny = {"parameters": "attn2", "iterations": 2, "ddim_steps": 3, "lr": 1e-3}
+    monkeypatch.setitem(registry.METHODS._specs, "esd-x", dataclasses.replace(
+        spec, presets={**spec.presets, "tiny": tiny},
+        strength=dataclasses.replace(spec.strength, preset="tiny", grid=(1.0, 4.0, 16.0))))  # fmt: skip
+    real_joint, real_erase, calls = registry.erase_jointly, registry.erase, []
+    monkeypatch.setattr(registry, "erase_jointly", lambda *a, **k: calls.append(len(a[3])) or real_joint(*a, **k))
+    bench = Bench(model, Layout(tmp_path), GRID, fake_classifier(), joint=True)
+    points = sweep_parts("esd-x")
+    first, cost = bench.part_patch(points[1], "circle", "object")
+    assert calls == [3] and cost["joint"] == {"settings": 3, "seconds": pytest.approx(3 * cost["erase_seconds"], abs=0.01)}
+    monkeypatch.setattr(registry, "erase", lambda *a, **k: pytest.fail("erased again"))
+    monkeypatch.setattr(registry, "erase_jointly", lambda *a, **k: pytest.fail("erased again"))
+    made = [bench.part_patch(p, "circle", "object")[0] for p in points]  # all three kept by the joint run
+    assert made[1].fingerprint() == first.fingerprint()
+    alone = real_erase(model, ["circle"], "esd-x", config=points[2].config("object"))
+    assert made[2].config == alone.config
+    for name, tensor in alone.tensors.items():
+        assert torch.allclose(made[2].tensors[name], tensor, rtol=0, atol=1e-6), name
+    # the test stage (no joint) and a setting off the grid erase alone
+    monkeypatch.setattr(registry, "erase", real_erase)
+    off_grid = Part("esd-x", "tiny", (("negative_guidance", 2.0),))
+    Bench(model, Layout(tmp_path), GRID, fake_classifier(), joint=True).part_patch(off_grid, "circle", "object")
+    assert calls == [3]

@@ -29,6 +29,7 @@ __all__ = [
     "Registry",
     "Spec",
     "erase",
+    "erase_jointly",
     "get_method",
     "list_methods",
     "make_config",
@@ -45,12 +46,17 @@ class Strength:
         grid: 4-6 values, weakest to strongest where that has a meaning.
         preset: the preset the sweep starts from (the knob is overridden on top of it).
         fixed: other ``(field, value)`` overrides every sweep point shares (e.g. RECE keeps its last round).
+        joint: ``joint(model, concepts, configs) -> [Patch]``: erase several configs that differ only in
+            :attr:`field` in one run that shares what they have in common (ESD's x_t and frozen predictions do
+            not depend on η), each patch the one the method's own function makes for its config alone
+            (:func:`erase_jointly`; the leaderboard's sweep uses it). ``None``: each setting is erased alone.
     """
 
     field: str
     grid: tuple[Any, ...]
     preset: str = "paper"
     fixed: tuple[tuple[str, Any], ...] = ()
+    joint: Callable[..., list[Any]] | None = None
 
     def __post_init__(self) -> None:
         if not 2 <= len(self.grid) <= 8 or len(set(map(repr, self.grid))) != len(self.grid):
@@ -326,6 +332,42 @@ def erase(
         erase_seconds=round(seconds, 4),
         provenance={**provenance(), "family": getattr(getattr(model, "family", None), "name", None)},
     )
+
+
+def erase_jointly(
+    model: LoadedModel, concepts: Sequence[str], method: str, configs: Sequence[Any]
+) -> list[Any]:
+    """Erase with each of ``configs`` (differing only in the method's strength knob) in one joint run.
+
+    Each patch is the one :func:`erase` makes for its config alone (the method's ``Strength.joint`` is tested
+    for it), with its provenance; its ``erase_seconds`` is the joint run's time divided by the number of
+    configs (what a setting cost, shared).
+
+    Raises:
+        ErasekitError: the method has no joint eraser, or the configs differ in another field.
+    """
+    concepts = check_concepts(model, concepts)
+    spec = get_method(method)
+    knob = spec.strength
+    if knob is None or knob.joint is None:
+        raise ErasekitError(f"{spec.name} has no joint eraser: erase each setting alone")
+    if not configs:
+        raise ErasekitError("erase_jointly needs at least one config")
+    rest = [{k: v for k, v in config_to_dict(c).items() if k != knob.field} for c in configs]
+    if any(r != rest[0] for r in rest):
+        raise ErasekitError(f"{spec.name}: jointly erased settings may differ only in {knob.field}")
+    start = time.perf_counter()
+    patches = knob.joint(model, concepts, list(configs))
+    seconds = (time.perf_counter() - start) / len(configs)
+    from erasekit.provenance import provenance
+
+    made = {**provenance(), "family": getattr(getattr(model, "family", None), "name", None)}
+    return [
+        dataclasses.replace(p, method=spec.name, config=config_to_dict(c), concepts=tuple(concepts),
+                            base_model=getattr(model, "source", ""), erase_seconds=round(seconds, 4),
+                            provenance=made)  # fmt: skip
+        for p, c in zip(patches, configs, strict=True)
+    ]
 
 
 def check_concepts(model: LoadedModel | None, concepts: Sequence[str]) -> list[str]:

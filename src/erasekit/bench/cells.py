@@ -70,6 +70,9 @@ class Bench:
         batch_size: images per pipeline call (runtime only).
         log: receives one line per step (``None``: silent).
         attacks: the attack columns run on every cell's patch.
+        joint: erase a method's sweep points on one concept in one joint run where the method has a joint
+            eraser (``Strength.joint``: ESD's η grid shares its x_t and frozen predictions); each patch is the
+            one erased alone, and each point's ``erase (s)`` is its share of the joint run.
         failures: ``{(label, concept): reason}`` of the cells that failed in :meth:`run`.
     """
 
@@ -80,6 +83,7 @@ class Bench:
     batch_size: int = 32
     log: Log | None = None
     attacks: Sequence[BenchAttack] = ()
+    joint: bool = False
     failures: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def say(self, line: str) -> None:
@@ -94,21 +98,51 @@ class Bench:
         Keyed by the method's full config, so presets, sweep points and tuned settings that agree share a patch.
         """
         from erasekit.hooked import load_erasure
-        from erasekit.registry import config_to_dict, erase
+        from erasekit.registry import erase
 
-        config = part.config(kind)
-        key = hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode()).hexdigest()[:12]
-        where = self.layout.patch_dir(part.method, key, concept)
-        cost_file = self.layout.cost_file(part.method, key, concept)
+        where, cost_file = self._patch_files(part, concept, kind)
+        if not (cost_file.is_file() and where.is_dir()) and self.joint:
+            self._erase_sweep_jointly(part, concept, kind)
         if cost_file.is_file() and where.is_dir():
             return load_erasure(where), read_json(cost_file)
         self.say(f"erase {part.label} {concept!r}")
         with PeakMemory() as mem:
-            patch = erase(self.model, [concept], part.method, concept_type=kind, config=config)
+            patch = erase(self.model, [concept], part.method, concept_type=kind, config=part.config(kind))
         patch.save(where, overwrite=True)
         cost = {"erase_seconds": patch.erase_seconds, "peak_memory_mb": mem.extra_mb}
         atomic_write_json(cost_file, cost)
         return patch, cost
+
+    def _patch_files(self, part: Part, concept: str, kind: str) -> tuple[Path, Path]:
+        """Where the part's patch for ``concept`` and its cost are kept (keyed by the full config)."""
+        from erasekit.registry import config_to_dict
+
+        config = config_to_dict(part.config(kind))
+        key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+        return self.layout.patch_dir(part.method, key, concept), self.layout.cost_file(part.method, key, concept)
+
+    def _erase_sweep_jointly(self, part: Part, concept: str, kind: str) -> None:
+        """When ``part`` is a sweep point of a method with a joint eraser, erase every point of its grid not yet
+        made for ``concept`` in one run, and keep each patch and its share of the cost."""
+        from erasekit.bench.protocol import sweep_parts
+        from erasekit.registry import METHODS, erase_jointly
+
+        knob = METHODS.get(part.method).strength
+        points = sweep_parts(part.method)
+        if knob is None or knob.joint is None or part not in points:
+            return
+        files = {p: self._patch_files(p, concept, kind) for p in points}
+        todo = [p for p in points if not (files[p][1].is_file() and files[p][0].is_dir())]
+        self.say(f"erase {', '.join(p.label for p in todo)} {concept!r} jointly (one shared run)")
+        with PeakMemory() as mem:
+            patches = erase_jointly(self.model, [concept], part.method, [p.config(kind) for p in todo])
+        for p, patch in zip(todo, patches, strict=True):
+            where, cost_file = files[p]
+            patch.save(where, overwrite=True)
+            atomic_write_json(cost_file, {
+                "erase_seconds": patch.erase_seconds, "peak_memory_mb": mem.extra_mb,
+                "joint": {"settings": len(todo), "seconds": round(patch.erase_seconds * len(todo), 2)},
+            })  # fmt: skip
 
     def entry_patch(self, entry: Entry, concept: str, kind: str) -> tuple[Patch, dict[str, Any]]:
         """The entry's (composed) patch and cost: seconds add up over the parts, peak memory is their maximum."""

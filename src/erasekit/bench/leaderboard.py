@@ -104,7 +104,7 @@ def run_leaderboard(
                                        "attacks": [a.label for a in attacks], "command": command})  # fmt: skip
     not_run = dict(not_run or {})
     swept = sweep_entries(methods)
-    sweeper = Bench(model, layout, sweep_settings, classifier, batch_size, log)
+    sweeper = Bench(model, layout, sweep_settings, classifier, batch_size, log, joint=True)
     if run:
         sweeper.run(swept, list(split.dev)[shard[0] :: shard[1]])
     sweep_board = _board(layout, swept, dev, sweeper, (), {}, model, settings, "dev sweep")

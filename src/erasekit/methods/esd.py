@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,11 +113,24 @@ def esd_loss(
         emb: ``{"c", "from", "null"}`` each ``[1, 77, D]``.
         cond: ``[1, 77, D]`` the condition the trained UNet sees instead of ``emb["c"]`` (RACE: c + δ).
     """
+    target = esd_target(frozen_predictions(unet, x_t, t, emb), eta)
+    return F.mse_loss(predict_noise(unet, x_t, t, emb["c"] if cond is None else cond, params), target)
+
+
+def frozen_predictions(
+    unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, emb: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ε*(x_t, c_from, t), ε*(x_t, c, t), ε*(x_t, ∅, t) of the frozen UNet, one batch of 3 (no gradients)."""
     with torch.no_grad():
         both = torch.cat([emb["from"], emb["c"], emb["null"]])
         e_from, e_c, e_null = predict_noise(unet, x_t.expand(3, -1, -1, -1), t, both).chunk(3)
-        target = e_from - eta * (e_c - e_null)
-    return F.mse_loss(predict_noise(unet, x_t, t, emb["c"] if cond is None else cond, params), target)
+    return e_from, e_c, e_null
+
+
+def esd_target(frozen: tuple[torch.Tensor, torch.Tensor, torch.Tensor], eta: float) -> torch.Tensor:
+    """ESD's regression target ``ε*(c_from) − η (ε*(c) − ε*(∅))`` from :func:`frozen_predictions`."""
+    e_from, e_c, e_null = frozen
+    return e_from - eta * (e_c - e_null)
 
 
 def diffusion_loop(
@@ -157,13 +170,47 @@ def diffusion_loop(
     Returns:
         The loss of every iteration.
     """
+    if give_noise:
+        losses_of = lambda k, x_t, t, noise: iter([loss_fn(k, x_t, t, noise)])  # noqa: E731
+    else:
+        losses_of = lambda k, x_t, t, noise: iter([loss_fn(k, x_t, t)])  # noqa: E731
+    return joint_diffusion_loop(pipe, [params], conds, losses_of, config, desc, iterations=iterations,
+                                generator_=generator_, sample_trained=sample_trained, unet=unet)[0]  # fmt: skip
+
+
+def joint_diffusion_loop(
+    pipe: Any,
+    param_sets: Sequence[dict[str, torch.Tensor]],
+    conds: torch.Tensor,
+    losses_of: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Iterator[torch.Tensor]],
+    config: Any,
+    desc: str,
+    *,
+    iterations: int | None = None,
+    generator_: torch.Generator | None = None,
+    sample_trained: bool = False,
+    unet: torch.nn.Module | None = None,
+) -> list[list[float]]:
+    """:func:`diffusion_loop` for several parameter sets trained side by side on the same x_t.
+
+    Each iteration draws its stopping step, start noise and x_t once, then takes one Adam step per set (each
+    its own optimizer) on the losses ``losses_of(k, x_t, t, x_T)`` yields, one per set in order. A set's
+    loss is made, back-propagated and stepped before the next is made, so each set sees exactly what
+    :func:`diffusion_loop` would show it alone: the same draws, the same x_t, the same operations. Only the
+    frozen model may sample x_t (``sample_trained`` works with one set alone).
+
+    Returns:
+        Every iteration's loss, per set.
+    """
+    if sample_trained and len(param_sets) != 1:
+        raise ValueError("x_t sampled by the trained model cannot be shared between parameter sets")
     g = generator_ if generator_ is not None else generator(config.seed)
     # sample_until reads only .unet and .scheduler: sample with ``unet`` without touching the pipeline
     sampler = pipe if unet is None else types.SimpleNamespace(unet=unet, scheduler=pipe.scheduler)
     with torch.no_grad():
         null = encode_prompts(pipe, [""]).to(conds.dtype)
-    opt = torch.optim.Adam(params.values(), lr=config.lr)
-    losses = []
+    opts = [torch.optim.Adam(params.values(), lr=config.lr) for params in param_sets]
+    losses: list[list[float]] = [[] for _ in param_sets]
     total = config.iterations if iterations is None else iterations
     for i in track(range(total), desc=desc, total=total):
         k = i % conds.shape[0]
@@ -178,13 +225,17 @@ def diffusion_loop(
             guidance=config.start_guidance,
             generator=g,
             noise=noise,
-            params=detached(params) if sample_trained else None,
+            params=detached(param_sets[0]) if sample_trained else None,
         )
-        loss = loss_fn(k, x_t, t, noise) if give_noise else loss_fn(k, x_t, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        made = 0
+        for j, loss in enumerate(losses_of(k, x_t, t, noise)):
+            opts[j].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[j].step()
+            losses[j].append(loss.item())
+            made += 1
+        if made != len(param_sets):
+            raise ValueError(f"losses_of yielded {made} losses for {len(param_sets)} parameter sets")
     return losses
 
 
@@ -205,28 +256,56 @@ def train(
     Args:
         unet: the frozen UNet that samples x_t and gives the targets: the pipeline's own, or a bfloat16 copy.
     """
+    return train_jointly(pipe, unet, concepts, [config], [params])[0]
+
+
+def train_jointly(
+    pipe: Any,
+    unet: torch.nn.Module,
+    concepts: Sequence[str],
+    configs: Sequence[ESDConfig],
+    param_sets: Sequence[dict[str, torch.Tensor]],
+) -> list[list[float]]:
+    """ESD with several η at once: ``param_sets[j]`` trains with ``configs[j].negative_guidance``.
+
+    The frozen model samples x_t and its three predictions do not depend on η, so they are made once per
+    iteration and each set regresses onto its own target from them (:func:`joint_diffusion_loop`). The configs
+    must agree in everything but ``negative_guidance``.
+    """
     dtype = unet.dtype
+    config = configs[0]
     with torch.no_grad():  # the text encoder stays fp32: its embeddings are cast to the training dtype
         conds = encode_prompts(pipe, list(concepts)).to(dtype)
         froms = encode_prompts(pipe, [config.erase_from or c for c in concepts]).to(dtype)
         null = encode_prompts(pipe, [""]).to(dtype)
 
-    def loss(k: int, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def losses_of(k: int, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> Iterator[torch.Tensor]:
         emb = {"c": conds[k : k + 1], "from": froms[k : k + 1], "null": null}
-        return esd_loss(unet, params, x_t, t, emb, config.negative_guidance)
+        frozen_out = frozen_predictions(unet, x_t, t, emb)
+        for c, params in zip(configs, param_sets, strict=True):
+            target = esd_target(frozen_out, c.negative_guidance)
+            yield F.mse_loss(predict_noise(unet, x_t, t, emb["c"], params), target)
 
-    return diffusion_loop(pipe, params, conds, loss, config, "esd", unet=None if unet is pipe.unet else unet)
+    sampler = None if unet is pipe.unet else unet
+    return joint_diffusion_loop(pipe, param_sets, conds, losses_of, config, "esd", unet=sampler)
 
 
 def erase_esd(model: Any, concepts: list[str], config: ESDConfig) -> Patch:
     """ESD: fine-tune the selected UNet tensors so the concept's noise prediction points away from it."""
+    return erase_esd_jointly(model, concepts, [config])[0]
+
+
+def erase_esd_jointly(model: Any, concepts: list[str], configs: Sequence[ESDConfig]) -> list[Patch]:
+    """ESD for several η in one run (:func:`train_jointly`): one patch per config, each the patch
+    :func:`erase_esd` makes for that config alone (the leaderboard's sweep over η)."""
     pipe = check_unet_family(model, "esd")
-    dtype = TRAIN_DTYPES[config.train_dtype]
+    dtype = TRAIN_DTYPES[configs[0].train_dtype]
     with frozen(pipe.unet, pipe.text_encoder):
         unet = pipe.unet if pipe.unet.dtype == dtype else copy.deepcopy(pipe.unet).to(dtype)
-        params = trainable_copies(unet, parameter_names(unet, config.parameters))
-        train(pipe, unet, concepts, config, params)
-    return Patch.from_tensors(model, "unet", {n: p.detach() for n, p in params.items()})
+        names = parameter_names(unet, configs[0].parameters)
+        param_sets = [trainable_copies(unet, names) for _ in configs]
+        train_jointly(pipe, unet, concepts, configs, param_sets)
+    return [Patch.from_tensors(model, "unet", {n: p.detach() for n, p in ps.items()}) for ps in param_sets]
 
 
 _LEGACY = {"iterations": 1000, "lr": 1e-5, "negative_guidance": 1.0}
@@ -241,7 +320,7 @@ register(
         "bf16": {"parameters": "attn2", **_BF16},
         "legacy": {"parameters": "attn2", **_LEGACY},
     },
-    strength=Strength("negative_guidance", (1.0, 2.0, 4.0, 8.0, 16.0)),
+    strength=Strength("negative_guidance", (1.0, 2.0, 4.0, 8.0, 16.0), joint=erase_esd_jointly),
     summary="ESD-x: fine-tune every cross-attention Linear of the UNet with negative guidance",
 )(erase_esd)
 register(
@@ -252,6 +331,6 @@ register(
         "bf16": {"parameters": "non-attn2", **_BF16},
         "legacy": {"parameters": "non-attn2", **_LEGACY},
     },
-    strength=Strength("negative_guidance", (1.0, 2.0, 4.0, 8.0, 16.0)),
+    strength=Strength("negative_guidance", (1.0, 2.0, 4.0, 8.0, 16.0), joint=erase_esd_jointly),
     summary="ESD-u: fine-tune every Linear and Conv of the UNet outside cross-attention",
 )(erase_esd)
