@@ -444,6 +444,14 @@ def test_a_sweep_erases_a_methods_grid_on_a_concept_in_one_joint_run(model, tmp_
         assert torch.allclose(made[2].tensors[name], tensor, rtol=0, atol=1e-6), name
     # the test stage (no joint) and a setting off the grid erase alone
     monkeypatch.setattr(registry, "erase", real_erase)
+    import shutil
+
+    for p in points:  # a results copy keeps the costs, not the patches: made again, the first cost stays
+        shutil.rmtree(bench._patch_files(p, "circle", "object")[0])
+    monkeypatch.setattr(registry, "erase_jointly", real_joint)
+    again, again_cost = bench.part_patch(points[1], "circle", "object")
+    assert again_cost == cost and again.fingerprint() == first.fingerprint()
+    monkeypatch.setattr(registry, "erase_jointly", lambda *a, **k: pytest.fail("erased again"))
     off_grid = Part("esd-x", "tiny", (("negative_guidance", 2.0),))
     Bench(model, Layout(tmp_path), GRID, fake_classifier(), joint=True).part_patch(off_grid, "circle", "object")
     assert calls == [3]

@@ -165,3 +165,18 @@ def test_paper_level_configs_refuse_bad_values():
         AllButOneConfig(preserve_weight=-1)
     with pytest.raises(ValueError):
         CRCEConfig(n_coref=-1)
+
+
+@pytest.mark.parametrize("method", ["all-but-one", "crce"])
+def test_an_iterations_grid_in_one_run_is_each_count_trained_alone(model, method):
+    from erasekit.registry import erase_jointly, make_config
+
+    configs = [make_config(method, "paper", "object", **{**TRAIN, "iterations": n}) for n in (2, 5, 3)]
+    joint = erase_jointly(model, ["circle"], method, configs)
+    alone = [erasekit.erase(model, ["circle"], method, config=c) for c in configs]
+    for j, a in zip(joint, alone, strict=True):
+        assert j.config == a.config and set(j.tensors) == set(a.tensors)
+        for name, tensor in a.tensors.items():
+            assert torch.allclose(j.tensors[name], tensor, rtol=0, atol=1e-6), name
+    moved = max((joint[0].tensors[n] - joint[1].tensors[n]).abs().max().item() for n in joint[0].tensors)
+    assert moved > 1e-4  # two more iterations moved the weights: each count is its own snapshot

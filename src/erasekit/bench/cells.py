@@ -109,6 +109,8 @@ class Bench:
         with PeakMemory() as mem:
             patch = erase(self.model, [concept], part.method, concept_type=kind, config=part.config(kind))
         patch.save(where, overwrite=True)
+        if cost_file.is_file():  # a results copy keeps costs, not patches: the first measurement stays the cost
+            return patch, read_json(cost_file)
         cost = {"erase_seconds": patch.erase_seconds, "peak_memory_mb": mem.extra_mb}
         atomic_write_json(cost_file, cost)
         return patch, cost
@@ -132,13 +134,15 @@ class Bench:
         if knob is None or knob.joint is None or part not in points:
             return
         files = {p: self._patch_files(p, concept, kind) for p in points}
-        todo = [p for p in points if not (files[p][1].is_file() and files[p][0].is_dir())]
+        todo = [p for p in points if not files[p][0].is_dir()]
         self.say(f"erase {', '.join(p.label for p in todo)} {concept!r} jointly (one shared run)")
         with PeakMemory() as mem:
             patches = erase_jointly(self.model, [concept], part.method, [p.config(kind) for p in todo])
         for p, patch in zip(todo, patches, strict=True):
             where, cost_file = files[p]
             patch.save(where, overwrite=True)
+            if cost_file.is_file():  # made again for a results copy: its first cost stays
+                continue
             atomic_write_json(cost_file, {
                 "erase_seconds": patch.erase_seconds, "peak_memory_mb": mem.extra_mb,
                 "joint": {"settings": len(todo), "seconds": round(patch.erase_seconds * len(todo), 2)},

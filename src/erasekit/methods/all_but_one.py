@@ -21,6 +21,7 @@ The alternative is the user's, or on MiniCanvas the concept's super-category (``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,13 @@ import torch.nn.functional as F
 from erasekit.denoising import check_unet_family, encode_prompts, predict_noise
 from erasekit.errors import ErasekitError
 from erasekit.methods.common import check_choice, check_positive, frozen, trainable_copies
-from erasekit.methods.esd import PARAMETER_SETS, diffusion_loop, parameter_names
+from erasekit.methods.esd import (
+    PARAMETER_SETS,
+    diffusion_loop,
+    iteration_prefixes,
+    parameter_names,
+    snapshots_at,
+)
 from erasekit.patch import Patch
 from erasekit.registry import Strength, register
 
@@ -103,6 +110,20 @@ def all_but_one_loss(
 
 def erase_all_but_one(model: LoadedModel, concepts: list[str], config: AllButOneConfig) -> Patch:
     """All but One: train the UNet so the concept's guidance term becomes the alternative's, ε(∅) held."""
+    return _trained(model, concepts, config, [config.iterations])[0]
+
+
+def erase_all_but_one_jointly(
+    model: LoadedModel, concepts: list[str], configs: Sequence[AllButOneConfig]
+) -> list[Patch]:
+    """All but One at several ``iterations`` in one run of the longest, each patch its prefix of that run
+    (:func:`~erasekit.methods.esd.snapshots_at`): the leaderboard's sweep."""
+    longest, keep = iteration_prefixes(configs)
+    return _trained(model, concepts, longest, keep)
+
+
+def _trained(model: LoadedModel, concepts: list[str], config: AllButOneConfig, keep: Sequence[int]) -> list[Patch]:
+    """Train ``config.iterations`` iterations; the patch after each count in ``keep``."""
     pipe = check_unet_family(model, "all-but-one")
     alts = alternatives(concepts, config.alternative)
     with frozen(pipe.unet, pipe.text_encoder):
@@ -114,8 +135,9 @@ def erase_all_but_one(model: LoadedModel, concepts: list[str], config: AllButOne
             emb = {"c": conds[k : k + 1], "alt": alt[k : k + 1], "null": null}
             return all_but_one_loss(pipe.unet, params, x_t, t, emb, config.preserve_weight)
 
-        diffusion_loop(pipe, params, conds, loss, config, "all-but-one")
-    return Patch.from_tensors(model, "unet", {n: p.detach() for n, p in params.items()})
+        after, kept = snapshots_at(params, keep)
+        diffusion_loop(pipe, params, conds, loss, config, "all-but-one", after_step=after)
+    return [Patch.from_tensors(model, "unet", kept[n]) for n in keep]
 
 
 #: The leaderboard's budget on MiniCanvas (docs/baselines.md): half the paper preset's iterations, about 4.5
@@ -126,6 +148,6 @@ register(
     "all-but-one",
     AllButOneConfig,
     presets={"paper": {}, "budget": BUDGET},
-    strength=Strength("iterations", (25, 50, 100, 200)),
+    strength=Strength("iterations", (25, 50, 100, 200), joint=erase_all_but_one_jointly),
     summary="All but One: move the guidance term ε(c) − ε(∅) onto an alternative, holding ε(∅) (paper-level)",
 )(erase_all_but_one)

@@ -24,6 +24,7 @@ first M; the retained are the other concepts of its kind, those of its super-cat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,7 +34,14 @@ import torch.nn.functional as F
 from erasekit.denoising import check_unet_family, encode_prompts, predict_noise
 from erasekit.errors import ErasekitError
 from erasekit.methods.common import check_choice, check_positive, frozen, trainable_copies
-from erasekit.methods.esd import PARAMETER_SETS, diffusion_loop, esd_loss, parameter_names
+from erasekit.methods.esd import (
+    PARAMETER_SETS,
+    diffusion_loop,
+    esd_loss,
+    iteration_prefixes,
+    parameter_names,
+    snapshots_at,
+)
 from erasekit.patch import Patch
 from erasekit.registry import Strength, register
 
@@ -136,6 +144,18 @@ def retain_loss(
 
 def erase_crce(model: LoadedModel, concepts: list[str], config: CRCEConfig) -> Patch:
     """CRCE: ESD on the concept and its coreferents jointly, with the retained concepts' predictions kept."""
+    return _trained(model, concepts, config, [config.iterations])[0]
+
+
+def erase_crce_jointly(model: LoadedModel, concepts: list[str], configs: Sequence[CRCEConfig]) -> list[Patch]:
+    """CRCE at several ``iterations`` in one run of the longest, each patch its prefix of that run
+    (:func:`~erasekit.methods.esd.snapshots_at`): the leaderboard's sweep."""
+    longest, keep = iteration_prefixes(configs)
+    return _trained(model, concepts, longest, keep)
+
+
+def _trained(model: LoadedModel, concepts: list[str], config: CRCEConfig, keep: Sequence[int]) -> list[Patch]:
+    """Train ``config.iterations`` iterations; the patch after each count in ``keep``."""
     pipe = check_unet_family(model, "crce")
     erase, retained = erase_and_retain(concepts, config)
     with frozen(pipe.unet, pipe.text_encoder):
@@ -153,8 +173,9 @@ def erase_crce(model: LoadedModel, concepts: list[str], config: CRCEConfig) -> P
                 total = total + config.retain_weight * retain_loss(pipe.unet, params, x_t, t, kept)
             return total
 
-        diffusion_loop(pipe, params, conds, loss, config, "crce")
-    return Patch.from_tensors(model, "unet", {n: p.detach() for n, p in params.items()})
+        after, snapshots = snapshots_at(params, keep)
+        diffusion_loop(pipe, params, conds, loss, config, "crce", after_step=after)
+    return [Patch.from_tensors(model, "unet", snapshots[n]) for n in keep]
 
 
 #: The leaderboard's budget on MiniCanvas (docs/baselines.md): half the paper preset's iterations, about 4.5
@@ -165,6 +186,6 @@ register(
     "crce",
     CRCEConfig,
     presets={"paper": {}, "budget": BUDGET},
-    strength=Strength("iterations", (25, 50, 100, 200)),
+    strength=Strength("iterations", (25, 50, 100, 200), joint=erase_crce_jointly),
     summary="CRCE: ESD on the concept and its coreferents jointly, keeping retained concepts (paper-level)",
 )(erase_crce)

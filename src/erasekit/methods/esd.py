@@ -146,6 +146,7 @@ def diffusion_loop(
     sample_trained: bool = False,
     give_noise: bool = False,
     unet: torch.nn.Module | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """ESD's training loop, shared by the methods trained on partial DDIM trajectories.
 
@@ -166,6 +167,7 @@ def diffusion_loop(
         unet: the UNet that samples x_t (``None``: the pipeline's own; ESD's ``bf16`` passes a bfloat16 copy;
             ACE and UnGuide pass their peft LoRA copy, so x_t comes from the model being trained). Sampling runs
             without gradients. ``conds`` must be in its dtype.
+        after_step: called with the number of iterations done after each Adam step (:func:`snapshots_at`).
 
     Returns:
         The loss of every iteration.
@@ -175,7 +177,8 @@ def diffusion_loop(
     else:
         losses_of = lambda k, x_t, t, noise: iter([loss_fn(k, x_t, t)])  # noqa: E731
     return joint_diffusion_loop(pipe, [params], conds, losses_of, config, desc, iterations=iterations,
-                                generator_=generator_, sample_trained=sample_trained, unet=unet)[0]  # fmt: skip
+                                generator_=generator_, sample_trained=sample_trained, unet=unet,
+                                after_step=after_step)[0]  # fmt: skip
 
 
 def joint_diffusion_loop(
@@ -190,6 +193,7 @@ def joint_diffusion_loop(
     generator_: torch.Generator | None = None,
     sample_trained: bool = False,
     unet: torch.nn.Module | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[list[float]]:
     """:func:`diffusion_loop` for several parameter sets trained side by side on the same x_t.
 
@@ -236,7 +240,36 @@ def joint_diffusion_loop(
             made += 1
         if made != len(param_sets):
             raise ValueError(f"losses_of yielded {made} losses for {len(param_sets)} parameter sets")
+        if after_step is not None:
+            after_step(i + 1)
     return losses
+
+
+def snapshots_at(
+    params: dict[str, torch.Tensor], keep: Sequence[int]
+) -> tuple[Callable[[int], None], dict[int, dict[str, torch.Tensor]]]:
+    """An ``after_step`` for :func:`diffusion_loop` that copies ``params`` after each iteration count in ``keep``.
+
+    Nothing in the loop depends on its length (no schedule: the draws of iteration i are the same in a run of
+    any length), so the copy after n iterations of a longer run is the run of n iterations: the methods whose
+    strength knob is ``iterations`` erase a grid of them in one run of the longest.
+
+    Returns:
+        The callback and ``{iterations: {name: tensor}}``, filled as the loop runs.
+    """
+    wanted, kept = set(keep), {}
+
+    def after(done: int) -> None:
+        if done in wanted:
+            kept[done] = {n: p.detach().clone() for n, p in params.items()}
+
+    return after, kept
+
+
+def iteration_prefixes(configs: Sequence[Any]) -> tuple[Any, list[int]]:
+    """The longest of ``configs`` (which differ only in ``iterations``) and every config's iterations."""
+    longest = max(configs, key=lambda c: c.iterations)
+    return longest, [c.iterations for c in configs]
 
 
 def detached(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
