@@ -56,8 +56,10 @@ def main() -> None:
         print(f"  alone {times['alone'][-1]:.1f} s, joint {times['joint'][-1]:.1f} s, "
               f"largest |joint - alone| {diff:.1e}")  # fmt: skip
     a, j = min(times["alone"]), min(times["joint"])
-    print(f"best of {args.repeats}: alone {a:.1f} s ({a / len(grid) / args.iterations:.2f} s per setting and "
-          f"iteration), joint {j:.1f} s ({j / len(grid) / args.iterations:.2f}); speed-up {a / j:.2f}x")
+    print(
+        f"best of {args.repeats}: alone {a:.1f} s ({a / len(grid) / args.iterations:.2f} s per setting and "
+        f"iteration), joint {j:.1f} s ({j / len(grid) / args.iterations:.2f}); speed-up {a / j:.2f}x"
+    )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -429,11 +429,16 @@ def test_a_sweep_erases_a_methods_grid_on_a_concept_in_one_joint_run(model, tmp_
         spec, presets={**spec.presets, "tiny": tiny},
         strength=dataclasses.replace(spec.strength, preset="tiny", grid=(1.0, 4.0, 16.0))))  # fmt: skip
     real_joint, real_erase, calls = registry.erase_jointly, registry.erase, []
-    monkeypatch.setattr(registry, "erase_jointly", lambda *a, **k: calls.append(len(a[3])) or real_joint(*a, **k))
+    monkeypatch.setattr(
+        registry, "erase_jointly", lambda *a, **k: calls.append(len(a[3])) or real_joint(*a, **k)
+    )
     bench = Bench(model, Layout(tmp_path), GRID, fake_classifier(), joint=True)
     points = sweep_parts("esd-x")
     first, cost = bench.part_patch(points[1], "circle", "object")
-    assert calls == [3] and cost["joint"] == {"settings": 3, "seconds": pytest.approx(3 * cost["erase_seconds"], abs=0.01)}
+    assert calls == [3] and cost["joint"] == {
+        "settings": 3,
+        "seconds": pytest.approx(3 * cost["erase_seconds"], abs=0.01),
+    }
     monkeypatch.setattr(registry, "erase", lambda *a, **k: pytest.fail("erased again"))
     monkeypatch.setattr(registry, "erase_jointly", lambda *a, **k: pytest.fail("erased again"))
     made = [bench.part_patch(p, "circle", "object")[0] for p in points]  # all three kept by the joint run
@@ -453,5 +458,7 @@ def test_a_sweep_erases_a_methods_grid_on_a_concept_in_one_joint_run(model, tmp_
     assert again_cost == cost and again.fingerprint() == first.fingerprint()
     monkeypatch.setattr(registry, "erase_jointly", lambda *a, **k: pytest.fail("erased again"))
     off_grid = Part("esd-x", "tiny", (("negative_guidance", 2.0),))
-    Bench(model, Layout(tmp_path), GRID, fake_classifier(), joint=True).part_patch(off_grid, "circle", "object")
+    Bench(model, Layout(tmp_path), GRID, fake_classifier(), joint=True).part_patch(
+        off_grid, "circle", "object"
+    )
     assert calls == [3]

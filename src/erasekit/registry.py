@@ -363,9 +363,15 @@ def erase_jointly(
 
     made = {**provenance(), "family": getattr(getattr(model, "family", None), "name", None)}
     return [
-        dataclasses.replace(p, method=spec.name, config=config_to_dict(c), concepts=tuple(concepts),
-                            base_model=getattr(model, "source", ""), erase_seconds=round(seconds, 4),
-                            provenance=made)  # fmt: skip
+        dataclasses.replace(
+            p,
+            method=spec.name,
+            config=config_to_dict(c),
+            concepts=tuple(concepts),
+            base_model=getattr(model, "source", ""),
+            erase_seconds=round(seconds, 4),
+            provenance=made,
+        )  # fmt: skip
         for p, c in zip(patches, configs, strict=True)
     ]
 

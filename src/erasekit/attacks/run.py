@@ -227,7 +227,11 @@ def _summary(rule: str, scored: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finish(
-    out: Path, model: LoadedModel, model_sha256: str, patches: Sequence[Any], metrics: dict[str, Any],
+    out: Path,
+    model: LoadedModel,
+    model_sha256: str,
+    patches: Sequence[Any],
+    metrics: dict[str, Any],
     timings: dict[str, float],
 ) -> None:
     from erasekit.evaluation import record as rec

@@ -109,7 +109,9 @@ class Bench:
         with PeakMemory() as mem:
             patch = erase(self.model, [concept], part.method, concept_type=kind, config=part.config(kind))
         patch.save(where, overwrite=True)
-        if cost_file.is_file():  # a results copy keeps costs, not patches: the first measurement stays the cost
+        if (
+            cost_file.is_file()
+        ):  # a results copy keeps costs, not patches: the first measurement stays the cost
             return patch, read_json(cost_file)
         cost = {"erase_seconds": patch.erase_seconds, "peak_memory_mb": mem.extra_mb}
         atomic_write_json(cost_file, cost)
@@ -121,7 +123,9 @@ class Bench:
 
         config = config_to_dict(part.config(kind))
         key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-        return self.layout.patch_dir(part.method, key, concept), self.layout.cost_file(part.method, key, concept)
+        return self.layout.patch_dir(part.method, key, concept), self.layout.cost_file(
+            part.method, key, concept
+        )
 
     def _erase_sweep_jointly(self, part: Part, concept: str, kind: str) -> None:
         """When ``part`` is a sweep point of a method with a joint eraser, erase every point of its grid not yet

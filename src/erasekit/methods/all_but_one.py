@@ -122,7 +122,9 @@ def erase_all_but_one_jointly(
     return _trained(model, concepts, longest, keep)
 
 
-def _trained(model: LoadedModel, concepts: list[str], config: AllButOneConfig, keep: Sequence[int]) -> list[Patch]:
+def _trained(
+    model: LoadedModel, concepts: list[str], config: AllButOneConfig, keep: Sequence[int]
+) -> list[Patch]:
     """Train ``config.iterations`` iterations; the patch after each count in ``keep``."""
     pipe = check_unet_family(model, "all-but-one")
     alts = alternatives(concepts, config.alternative)
